@@ -1,0 +1,100 @@
+//! The boundary between the REST API server and the VMM.
+//!
+//! The HTTP server (in [`crate::api`]) parses requests and calls a [`VmmBackend`]; the VMM
+//! implements it. The types mirror Cloud Hypervisor's API bodies (`vmm.ping`, `vm.info`,
+//! `vm.counters`), so `ch-remote`-style clients read them unchanged.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The lifecycle state of the VM, as Cloud Hypervisor reports it in `vm.info`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmState {
+    /// Configured, not yet booted.
+    Created,
+    /// vCPUs are running.
+    Running,
+    /// vCPUs are stopped; memory and device state are frozen.
+    Paused,
+    /// The guest powered off or was shut down.
+    Shutdown,
+}
+
+/// Body of `GET /api/v1/vmm.ping`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmmPingResponse {
+    /// Build identifier (crate version plus git description when known).
+    pub build_version: String,
+    /// The VMM version.
+    pub version: String,
+    /// Process id of the VMM.
+    pub pid: i64,
+    /// Optional features compiled in.
+    pub features: Vec<String>,
+}
+
+/// Body of `GET /api/v1/vm.info`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmInfo {
+    /// The VM configuration, in Cloud Hypervisor's `VmConfig` shape (fields we do not support
+    /// are absent).
+    pub config: serde_json::Value,
+    /// Current lifecycle state.
+    pub state: VmState,
+    /// Guest memory size in bytes as currently provided to the guest.
+    pub memory_actual_size: u64,
+}
+
+/// Body of `GET /api/v1/vm.counters`: device id → counter name → value.
+pub type VmCounters = BTreeMap<String, BTreeMap<String, u64>>;
+
+/// An error the backend returns; the server turns it into an HTTP status and a JSON array of
+/// strings (outermost error first, then its causes), as Cloud Hypervisor does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiError {
+    /// HTTP status code (4xx for a request the VMM refuses, 5xx for a failure inside the VMM).
+    pub status: u16,
+    /// Human-readable messages, outermost first.
+    pub messages: Vec<String>,
+}
+
+impl ApiError {
+    /// A 4xx/5xx error with a single message.
+    pub fn new(status: u16, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            messages: vec![message.into()],
+        }
+    }
+
+    /// `404 Not Found` for a request that needs a VM when none exists.
+    pub fn no_vm() -> Self {
+        ApiError::new(404, "VM is not created")
+    }
+
+    /// `405`-style refusal when the VM is in a state that forbids the action (Cloud Hypervisor
+    /// answers such requests with a 4xx and the reason).
+    pub fn invalid_state(action: &str, state: VmState) -> Self {
+        ApiError::new(405, format!("cannot {action}: VM is {state:?}"))
+    }
+}
+
+/// What the VMM offers the API server. Every method is called from the API server thread and
+/// must not block for long; state changes (pause, resume, shutdown) complete before returning.
+pub trait VmmBackend: Send + Sync + 'static {
+    /// `GET vmm.ping`.
+    fn vmm_ping(&self) -> VmmPingResponse;
+    /// `PUT vmm.shutdown`: stop the VM if any, then make the VMM process exit.
+    fn vmm_shutdown(&self) -> Result<(), ApiError>;
+    /// `GET vm.info`.
+    fn vm_info(&self) -> Result<VmInfo, ApiError>;
+    /// `PUT vm.pause`: stop every vCPU; returns once all are stopped.
+    fn vm_pause(&self) -> Result<(), ApiError>;
+    /// `PUT vm.resume`: let paused vCPUs run again.
+    fn vm_resume(&self) -> Result<(), ApiError>;
+    /// `PUT vm.shutdown`: stop the VM (the VMM process keeps serving the API).
+    fn vm_shutdown(&self) -> Result<(), ApiError>;
+    /// `GET vm.counters`.
+    fn vm_counters(&self) -> Result<VmCounters, ApiError>;
+}
