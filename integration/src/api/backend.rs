@@ -49,6 +49,13 @@ pub struct VmInfo {
 /// Body of `GET /api/v1/vm.counters`: device id → counter name → value.
 pub type VmCounters = BTreeMap<String, BTreeMap<String, u64>>;
 
+/// Body of `PUT /api/v1/vm.snapshot`, in Cloud Hypervisor's `VmSnapshotConfig` shape.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSnapshotConfig {
+    /// Where to write the snapshot, e.g. `file:///var/snapshots/vm1`.
+    pub destination_url: String,
+}
+
 /// An error the backend returns; the server turns it into an HTTP status and a JSON array of
 /// strings (outermost error first, then its causes), as Cloud Hypervisor does.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -97,4 +104,15 @@ pub trait VmmBackend: Send + Sync + 'static {
     fn vm_shutdown(&self) -> Result<(), ApiError>;
     /// `GET vm.counters`.
     fn vm_counters(&self) -> Result<VmCounters, ApiError>;
+    /// `PUT vm.snapshot`: write a snapshot of the paused VM to `config.destination_url`.
+    ///
+    /// A VMM that cannot snapshot yet keeps this default, which answers `501 Not Implemented`
+    /// so clients learn the endpoint exists but is not available in this build.
+    fn vm_snapshot(&self, config: &VmSnapshotConfig) -> Result<(), ApiError> {
+        let _ = config;
+        Err(ApiError::new(
+            501,
+            "vm.snapshot is not supported by this VMM",
+        ))
+    }
 }
