@@ -1,0 +1,117 @@
+# Shared helpers for lab scenarios (busybox sh in L1). Source it first:
+#   . /opt/ext/scenarios/lib.sh
+# A scenario ends by calling `pass` or `fail <reason>`; L1's init powers the machine off after
+# the scenario script returns, so anything started here ends with L1 even when a step fails.
+
+L2_KERNEL=/opt/l2/vmlinux
+L2_INITRAMFS=/opt/l2/initramfs.cpio
+EXT_RESULT_FILE=/run/ext-scenario-result
+_ext_background_pids=""
+
+# Stops every background process a helper started (VMMs, console followers).
+cleanup_background() {
+    for pid in $_ext_background_pids; do
+        kill -KILL "$pid" 2>/dev/null
+    done
+    _ext_background_pids=""
+}
+
+pass() {
+    cleanup_background
+    : >"$EXT_RESULT_FILE"
+    echo "EXT-SCENARIO-RESULT: PASS"
+    exit 0
+}
+
+fail() {
+    cleanup_background
+    : >"$EXT_RESULT_FILE"
+    echo "EXT-SCENARIO-RESULT: FAIL $*"
+    exit 1
+}
+
+# Seconds since L1 booted, with centiseconds: the clock all scenario timings use.
+now() {
+    read -r _now_up _ </proc/uptime
+    echo "$_now_up"
+}
+
+# Seconds elapsed since a value returned by `now`.
+since() {
+    awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'
+}
+
+# Prints a measurement in one greppable format: EXT-METRIC <name>=<value> [notes].
+metric() {
+    echo "EXT-METRIC $*"
+}
+
+# Shows a console log live on L1's console, each line prefixed, until cleanup_background.
+follow_log() {
+    # $1: file, $2: prefix
+    tail -n +1 -f "$1" 2>/dev/null | sed -u "s/^/$2| /" &
+    _ext_background_pids="$_ext_background_pids $!"
+}
+
+# Starts `<program> <args...>` in the background under a hard time limit, stdout and stderr
+# to <log>, and follows the log on the console. Sets BG_PID and BG_STARTED (a `now` value).
+start_background() {
+    # $1: log file, $2: time limit in seconds, $3...: program and arguments
+    _log=$1
+    _limit=$2
+    shift 2
+    : >"$_log"
+    BG_STARTED=$(now)
+    timeout -s KILL "$_limit" "$@" >"$_log" 2>&1 &
+    BG_PID=$!
+    _ext_background_pids="$_ext_background_pids $BG_PID"
+    follow_log "$_log" "$(basename "$1")"
+}
+
+# Starts ext-vmm (see start_background); VMM_PID and VMM_STARTED are set.
+start_vmm() {
+    # $1: log file, $2: time limit in seconds, $3...: ext-vmm arguments
+    command -v ext-vmm >/dev/null || fail "ext-vmm is not in the lab image (did it build?)"
+    _vlog=$1
+    _vlimit=$2
+    shift 2
+    start_background "$_vlog" "$_vlimit" ext-vmm "$@"
+    VMM_PID=$BG_PID
+    VMM_STARTED=$BG_STARTED
+}
+
+# Waits until a line matching the extended regex appears in the file. Returns 1 after the
+# timeout, or 2 as soon as the optional process id given as $4 has exited without it.
+wait_for_line() {
+    # $1: file, $2: regex, $3: timeout in seconds, $4: pid that must stay alive (optional)
+    _deadline=$(awk -v a="$(now)" -v t="$3" 'BEGIN { printf "%.2f", a + t }')
+    while :; do
+        grep -Eq -- "$2" "$1" 2>/dev/null && return 0
+        if [ -n "${4:-}" ] && ! kill -0 "$4" 2>/dev/null; then
+            grep -Eq -- "$2" "$1" 2>/dev/null && return 0
+            return 2
+        fi
+        awk -v a="$(now)" -v d="$_deadline" 'BEGIN { exit !(a >= d) }' && return 1
+        sleep 0.1
+    done
+}
+
+# Waits for a background process to exit. Sets EXIT_STATUS; returns 1 on timeout.
+wait_exit() {
+    # $1: pid, $2: timeout in seconds
+    _deadline=$(awk -v a="$(now)" -v t="$2" 'BEGIN { printf "%.2f", a + t }')
+    while kill -0 "$1" 2>/dev/null; do
+        # A zombie child still answers kill -0; `wait` below reaps it.
+        grep -q '^State:.*Z' "/proc/$1/status" 2>/dev/null && break
+        awk -v a="$(now)" -v d="$_deadline" 'BEGIN { exit !(a >= d) }' && return 1
+        sleep 0.1
+    done
+    wait "$1"
+    EXIT_STATUS=$?
+    return 0
+}
+
+# Counts the lines matching the extended regex in a file.
+count_lines() {
+    grep -Ec -- "$2" "$1" 2>/dev/null || true
+}
