@@ -256,6 +256,14 @@ impl Connection {
     }
 }
 
+impl Drop for Connection {
+    fn drop(&mut self) {
+        // The server keeps a second handle on this socket (to interrupt reads at shutdown),
+        // so dropping ours alone would not close the connection: end it explicitly.
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+}
+
 /// Parses the request head in `buf`: `Ok(None)` while it is incomplete, `Err` with the
 /// response to send when it is malformed or too large.
 fn parse_head(buf: &[u8], limits: &ApiServerLimits) -> Result<Option<Head>, Response> {
