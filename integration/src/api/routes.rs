@@ -172,7 +172,47 @@ fn from_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
+
+    /// The `(method, path)` pairs under `paths:` of the OpenAPI document. A line scan is
+    /// enough for its layout: paths are keys indented by two spaces, methods by four.
+    fn documented_operations(document: &str) -> BTreeSet<(String, String)> {
+        let mut in_paths = false;
+        let mut current_path = None;
+        let mut operations = BTreeSet::new();
+        for line in document.lines() {
+            if !line.starts_with(' ') && !line.trim().is_empty() {
+                in_paths = line == "paths:";
+                continue;
+            }
+            if !in_paths {
+                continue;
+            }
+            if let Some(path) = line.strip_prefix("  /").and_then(|l| l.strip_suffix(':')) {
+                current_path = Some(path.to_string());
+            } else if let (Some(path), Some(key)) = (
+                &current_path,
+                line.strip_prefix("    ").and_then(|l| l.strip_suffix(':')),
+            ) {
+                if ["get", "put", "post", "patch", "delete"].contains(&key) {
+                    operations.insert((key.to_string(), path.clone()));
+                }
+            }
+        }
+        operations
+    }
+
+    #[test]
+    fn the_openapi_document_lists_exactly_the_routes() {
+        let documented = documented_operations(include_str!("../../openapi/ext-vmm.yaml"));
+        let routed: BTreeSet<(String, String)> = ROUTES
+            .iter()
+            .map(|r| (r.method().to_lowercase(), r.path.to_string()))
+            .collect();
+        assert_eq!(documented, routed);
+    }
 
     #[test]
     fn every_route_is_unique_and_has_a_plain_path() {
@@ -185,5 +225,51 @@ mod tests {
                 .count();
             assert_eq!(twins, 0, "{} {} routed twice", route.method(), route.path);
         }
+    }
+
+    /// A backend without snapshot support whose pause fails with a status that is not an
+    /// error status, to check what the router makes of both.
+    struct MinimalVmm;
+
+    impl VmmBackend for MinimalVmm {
+        fn vmm_ping(&self) -> crate::api::VmmPingResponse {
+            crate::api::VmmPingResponse {
+                build_version: String::new(),
+                version: String::new(),
+                pid: 0,
+                features: Vec::new(),
+            }
+        }
+        fn vmm_shutdown(&self) -> Result<(), ApiError> {
+            Ok(())
+        }
+        fn vm_info(&self) -> Result<crate::api::VmInfo, ApiError> {
+            Err(ApiError::no_vm())
+        }
+        fn vm_pause(&self) -> Result<(), ApiError> {
+            Err(ApiError::new(200, "not really an error status"))
+        }
+        fn vm_resume(&self) -> Result<(), ApiError> {
+            Ok(())
+        }
+        fn vm_shutdown(&self) -> Result<(), ApiError> {
+            Ok(())
+        }
+        fn vm_counters(&self) -> Result<crate::api::VmCounters, ApiError> {
+            Ok(crate::api::VmCounters::new())
+        }
+    }
+
+    #[test]
+    fn snapshot_without_backend_support_is_not_implemented() {
+        let body = br#"{"destination_url":"file:///x"}"#;
+        let response = dispatch(&MinimalVmm, "PUT", "/api/v1/vm.snapshot", body);
+        assert_eq!(response.status, 501);
+    }
+
+    #[test]
+    fn a_backend_error_never_reads_as_success() {
+        let response = dispatch(&MinimalVmm, "PUT", "/api/v1/vm.pause", b"");
+        assert_eq!(response.status, 500);
     }
 }
