@@ -1,0 +1,109 @@
+//! `ext-vmm`: boot a Linux guest (ELF vmlinux with a PVH note) on KVM, with a Cloud-Hypervisor
+//! style command line and, optionally, the REST API on a unix socket.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use integration::api::start_api_server;
+use integration::vmm::config::{self, VmConfig};
+use integration::vmm::error::Error;
+use integration::vmm::exit::ExitReason;
+use integration::vmm::Vmm;
+
+/// Boot a Linux guest on KVM.
+#[derive(Parser, Debug)]
+#[command(name = "ext-vmm", version)]
+struct Args {
+    /// ELF vmlinux with a PVH entry note.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Initramfs handed to the kernel.
+    #[arg(long)]
+    initramfs: Option<PathBuf>,
+    /// Kernel command line (include console=ttyS0 for a serial console).
+    #[arg(long, default_value = "console=ttyS0")]
+    cmdline: String,
+    /// vCPUs: boot=<N>.
+    #[arg(long, default_value = "boot=1")]
+    cpus: String,
+    /// Memory: size=<N>[K|M|G],shared=on|off.
+    #[arg(long, default_value = "size=512M")]
+    memory: String,
+    /// Serial console: tty | off | file=<path>.
+    #[arg(long, default_value = "tty")]
+    serial: String,
+    /// virtio-blk disk: path=<file>[,readonly=on] (repeatable).
+    #[arg(long)]
+    disk: Vec<String>,
+    /// Serve the REST API: path=<socket>.
+    #[arg(long = "api-socket")]
+    api_socket: Option<String>,
+    /// error | warn | info | debug | trace (logs go to stderr).
+    #[arg(long = "log-level", default_value = "warn")]
+    log_level: String,
+}
+
+fn build_config(args: &Args) -> Result<VmConfig, Error> {
+    let mut config = VmConfig::new(args.kernel.clone());
+    config.initramfs = args.initramfs.clone();
+    config.cmdline = args.cmdline.clone();
+    config.cpus = config::parse_cpus(&args.cpus)?;
+    (config.memory_size, config.memory_shared) = config::parse_memory(&args.memory)?;
+    config.serial = config::parse_serial(&args.serial)?;
+    config.disks = args
+        .disk
+        .iter()
+        .map(|d| config::parse_disk(d))
+        .collect::<Result<_, _>>()?;
+    Ok(config)
+}
+
+fn run(args: Args) -> Result<ExitReason, String> {
+    let config = build_config(&args).map_err(|e| e.to_string())?;
+    let socket = args
+        .api_socket
+        .as_deref()
+        .map(config::parse_api_socket)
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    let vmm = Arc::new(Vmm::new(config).map_err(|e| format!("cannot create the VM: {e}"))?);
+    let server = match &socket {
+        Some(path) => Some(
+            start_api_server(path, vmm.clone())
+                .map_err(|e| format!("cannot serve the API on {}: {e}", path.display()))?,
+        ),
+        None => None,
+    };
+    vmm.boot().map_err(|e| format!("cannot boot: {e}"))?;
+    let reason = vmm.run_until_exit().map_err(|e| e.to_string())?;
+    tracing::info!("VM stopped: {reason:?}");
+    if let Some(server) = server {
+        // Cloud Hypervisor keeps serving after the guest stops, until vmm.shutdown.
+        vmm.wait_for_vmm_shutdown();
+        server.shutdown();
+    }
+    Ok(reason)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match run(args) {
+        Ok(ExitReason::Error(message)) => {
+            eprintln!("ext-vmm: VM failed: {message}");
+            ExitCode::FAILURE
+        }
+        Ok(_) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("ext-vmm: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,308 @@
+//! `ext-vmm`'s VMM: builds one VM from a [`config::VmConfig`], runs its vCPUs, and drives its
+//! lifecycle (Created → Running ⇄ Paused → Shutdown) for the main loop and the REST API
+//! (through [`crate::api::VmmBackend`]).
+
+pub mod acpi;
+pub mod boot;
+pub mod bus;
+pub mod config;
+pub mod cpu;
+pub mod devices;
+pub mod error;
+pub mod exit;
+pub mod layout;
+pub mod memory;
+pub mod vcpu;
+pub mod virtio;
+pub mod vm;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+
+use crate::api::{ApiError, VmCounters, VmInfo, VmState, VmmBackend, VmmPingResponse};
+use config::{SerialOutput, VmConfig};
+use devices::serial::{SerialCounters, SerialInput};
+use error::{Error, Result};
+use exit::{ExitEvent, ExitReason};
+use vcpu::{VcpuControl, VcpuCounters, VcpuHandle};
+use vm::{VirtioSlot, Vm};
+
+struct Lifecycle {
+    state: VmState,
+    /// The built VM until `boot` moves its vCPUs into threads.
+    pending: Option<Vm>,
+    handles: Vec<VcpuHandle>,
+    /// The VM fd and guest memory of a booted VM: vCPUs run on this memory, so it lives as
+    /// long as the VMM.
+    booted: Option<(kvm_ioctls::VmFd, vm_memory::GuestMemoryMmap)>,
+}
+
+/// One VMM process: one VM, its counters and its lifecycle.
+pub struct Vmm {
+    config: VmConfig,
+    exit: Arc<ExitEvent>,
+    control: Arc<VcpuControl>,
+    lifecycle: Mutex<Lifecycle>,
+    state_changed: Condvar,
+    /// Set by `vmm.shutdown`: the process should exit once the VM is down.
+    vmm_exit_requested: AtomicBool,
+    serial: Arc<Mutex<devices::serial::SerialDevice>>,
+    serial_counters: Arc<SerialCounters>,
+    vcpu_counters: Vec<Arc<VcpuCounters>>,
+    virtio: Vec<VirtioSlot>,
+}
+
+/// Wakes the main loop when the VM wants to stop; the loop then reads the reason.
+struct ExitWatcher(Arc<ExitEvent>);
+
+impl MutEventSubscriber for ExitWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(self.0.fd(), EventSet::IN)) {
+            tracing::error!("cannot watch the VM exit event: {e:?}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        // Drain the counter; the reason itself is read by the main loop.
+        let _ = self.0.fd().read();
+    }
+}
+
+impl Vmm {
+    /// Builds the VM (state `Created`).
+    pub fn new(config: VmConfig) -> Result<Self> {
+        vcpu::register_kick_handler()?;
+        let mut vm = Vm::new(&config)?;
+        let virtio = std::mem::take(&mut vm.virtio);
+        Ok(Vmm {
+            exit: vm.exit.clone(),
+            control: Arc::new(VcpuControl::default()),
+            serial: vm.serial.clone(),
+            serial_counters: vm.serial_counters.clone(),
+            vcpu_counters: vm.vcpu_counters.clone(),
+            virtio,
+            lifecycle: Mutex::new(Lifecycle {
+                state: VmState::Created,
+                pending: Some(vm),
+                handles: Vec::new(),
+                booted: None,
+            }),
+            state_changed: Condvar::new(),
+            vmm_exit_requested: AtomicBool::new(false),
+            config,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Lifecycle> {
+        self.lifecycle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The current lifecycle state.
+    pub fn state(&self) -> VmState {
+        self.lock().state
+    }
+
+    /// Starts the vCPU threads (Created → Running).
+    pub fn boot(&self) -> Result<()> {
+        let mut lifecycle = self.lock();
+        let Some(vm) = lifecycle.pending.take() else {
+            return Err(Error::InvalidState(lifecycle.state, "boot"));
+        };
+        let Vm {
+            fd, memory, vcpus, ..
+        } = vm;
+        lifecycle.booted = Some((fd, memory));
+        for vcpu in vcpus {
+            match vcpu::spawn_vcpu(vcpu, self.control.clone()) {
+                Ok(handle) => lifecycle.handles.push(handle),
+                Err(e) => {
+                    let handles = std::mem::take(&mut lifecycle.handles);
+                    vcpu::stop_all(&self.control, handles);
+                    lifecycle.state = VmState::Shutdown;
+                    return Err(e);
+                }
+            }
+        }
+        lifecycle.state = VmState::Running;
+        self.state_changed.notify_all();
+        Ok(())
+    }
+
+    /// Serves stdin and the exit event until the VM stops; then stops the vCPUs and returns
+    /// why the VM ended (state `Shutdown`).
+    pub fn run_until_exit(&self) -> Result<ExitReason> {
+        let mut manager: EventManager<Box<dyn MutEventSubscriber + Send>> =
+            EventManager::new().map_err(|e| Error::Sys("epoll", io_error(e)))?;
+        manager.add_subscriber(Box::new(ExitWatcher(self.exit.clone())));
+        if self.config.serial == SerialOutput::Tty {
+            manager.add_subscriber(Box::new(SerialInput::new(self.serial.clone())));
+        }
+        let reason = loop {
+            if let Some(reason) = self.exit.reason() {
+                break reason;
+            }
+            manager
+                .run_with_timeout(500)
+                .map_err(|e| Error::Sys("epoll_wait", io_error(e)))?;
+        };
+        self.stop_vcpus();
+        Ok(reason)
+    }
+
+    fn stop_vcpus(&self) {
+        let handles = std::mem::take(&mut self.lock().handles);
+        vcpu::stop_all(&self.control, handles);
+        let mut lifecycle = self.lock();
+        lifecycle.state = VmState::Shutdown;
+        lifecycle.pending = None;
+        self.state_changed.notify_all();
+    }
+
+    /// Blocks until `vmm.shutdown` was requested through the API.
+    pub fn wait_for_vmm_shutdown(&self) {
+        let mut lifecycle = self.lock();
+        while !self.vmm_exit_requested.load(Ordering::SeqCst) {
+            lifecycle = self
+                .state_changed
+                .wait(lifecycle)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Pauses every vCPU (Running → Paused).
+    pub fn pause(&self) -> Result<()> {
+        let mut lifecycle = self.lock();
+        if lifecycle.state != VmState::Running {
+            return Err(Error::InvalidState(lifecycle.state, "pause"));
+        }
+        vcpu::pause_all(&self.control, &lifecycle.handles);
+        lifecycle.state = VmState::Paused;
+        self.state_changed.notify_all();
+        Ok(())
+    }
+
+    /// Resumes paused vCPUs (Paused → Running).
+    pub fn resume(&self) -> Result<()> {
+        let mut lifecycle = self.lock();
+        if lifecycle.state != VmState::Paused {
+            return Err(Error::InvalidState(lifecycle.state, "resume"));
+        }
+        vcpu::resume_all(&self.control);
+        lifecycle.state = VmState::Running;
+        self.state_changed.notify_all();
+        Ok(())
+    }
+
+    /// Asks the main loop to stop the VM and waits until it has.
+    pub fn shutdown_vm(&self) -> Result<()> {
+        let mut lifecycle = self.lock();
+        match lifecycle.state {
+            VmState::Shutdown => return Err(Error::InvalidState(VmState::Shutdown, "shut down")),
+            VmState::Created => {
+                lifecycle.state = VmState::Shutdown;
+                lifecycle.pending = None;
+                self.state_changed.notify_all();
+            }
+            VmState::Running | VmState::Paused => {}
+        }
+        self.exit.request(ExitReason::Requested);
+        while lifecycle.state != VmState::Shutdown {
+            lifecycle = self
+                .state_changed
+                .wait(lifecycle)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        Ok(())
+    }
+
+    /// Every counter: serial, per-vCPU exits, per virtio device.
+    pub fn counters(&self) -> VmCounters {
+        let mut all = VmCounters::new();
+        let serial = &self.serial_counters;
+        all.insert(
+            "serial".into(),
+            BTreeMap::from([
+                ("tx_bytes".into(), serial.tx_bytes.load(Ordering::Relaxed)),
+                ("rx_bytes".into(), serial.rx_bytes.load(Ordering::Relaxed)),
+            ]),
+        );
+        for (id, counters) in self.vcpu_counters.iter().enumerate() {
+            let map = counters
+                .snapshot()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect();
+            all.insert(format!("vcpu{id}"), map);
+        }
+        for slot in &self.virtio {
+            let transport = slot.transport.lock().unwrap_or_else(|p| p.into_inner());
+            let map = transport
+                .device()
+                .counters()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect();
+            all.insert(slot.name.clone(), map);
+        }
+        all
+    }
+}
+
+fn io_error(e: event_manager::Error) -> std::io::Error {
+    std::io::Error::other(format!("{e:?}"))
+}
+
+fn api_error(e: Error) -> ApiError {
+    match e {
+        Error::InvalidState(state, action) => ApiError::invalid_state(action, state),
+        other => ApiError::new(500, other.to_string()),
+    }
+}
+
+impl VmmBackend for Vmm {
+    fn vmm_ping(&self) -> VmmPingResponse {
+        VmmPingResponse {
+            build_version: env!("CARGO_PKG_VERSION").to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: i64::from(std::process::id()),
+            features: vec!["kvm".into(), "virtio-mmio".into()],
+        }
+    }
+
+    fn vmm_shutdown(&self) -> std::result::Result<(), ApiError> {
+        if matches!(self.state(), VmState::Running | VmState::Paused) {
+            self.shutdown_vm().map_err(api_error)?;
+        }
+        self.vmm_exit_requested.store(true, Ordering::SeqCst);
+        let _lifecycle = self.lock();
+        self.state_changed.notify_all();
+        Ok(())
+    }
+
+    fn vm_info(&self) -> std::result::Result<VmInfo, ApiError> {
+        Ok(VmInfo {
+            config: self.config.to_ch_json(),
+            state: self.state(),
+            memory_actual_size: self.config.memory_size,
+        })
+    }
+
+    fn vm_pause(&self) -> std::result::Result<(), ApiError> {
+        self.pause().map_err(api_error)
+    }
+
+    fn vm_resume(&self) -> std::result::Result<(), ApiError> {
+        self.resume().map_err(api_error)
+    }
+
+    fn vm_shutdown(&self) -> std::result::Result<(), ApiError> {
+        self.shutdown_vm().map_err(api_error)
+    }
+
+    fn vm_counters(&self) -> std::result::Result<VmCounters, ApiError> {
+        Ok(self.counters())
+    }
+}

@@ -1,0 +1,365 @@
+//! vCPU threads: the KVM_RUN exit loop that dispatches port I/O and MMIO to the buses, and
+//! the pause/resume/stop machinery that kicks vCPUs out of KVM_RUN with a signal.
+//!
+//! A kick is race-free: the controller publishes its request before signalling, and the signal
+//! handler sets `kvm_run.immediate_exit`, so a signal that lands just before KVM_RUN makes the
+//! ioctl return `EINTR` at once instead of being lost.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_bindings::{KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use super::bus::Bus;
+use super::error::{Error, Result};
+use super::exit::{ExitEvent, ExitReason};
+
+/// Per-vCPU exit counters, exported through `vm.counters`.
+#[derive(Default)]
+pub struct VcpuCounters {
+    /// Port-I/O reads.
+    pub io_in: AtomicU64,
+    /// Port-I/O writes.
+    pub io_out: AtomicU64,
+    /// MMIO reads.
+    pub mmio_read: AtomicU64,
+    /// MMIO writes.
+    pub mmio_write: AtomicU64,
+    /// KVM_RUN returns interrupted by a kick.
+    pub interrupted: AtomicU64,
+    /// Every other exit.
+    pub other: AtomicU64,
+}
+
+impl VcpuCounters {
+    /// Name/value pairs for `vm.counters`.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("io_in", self.io_in.load(Ordering::Relaxed)),
+            ("io_out", self.io_out.load(Ordering::Relaxed)),
+            ("mmio_read", self.mmio_read.load(Ordering::Relaxed)),
+            ("mmio_write", self.mmio_write.load(Ordering::Relaxed)),
+            ("interrupted", self.interrupted.load(Ordering::Relaxed)),
+            ("other_exits", self.other.load(Ordering::Relaxed)),
+        ]
+    }
+}
+
+/// What the controller wants the vCPUs to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Request {
+    Run,
+    Pause,
+    Stop,
+}
+
+struct ControlState {
+    request: Request,
+    /// vCPU threads currently inside their loop (not yet finished).
+    alive: usize,
+    /// vCPU threads parked on the condition variable.
+    parked: usize,
+}
+
+/// Shared between the controller (API/main thread) and every vCPU thread.
+pub struct VcpuControl {
+    /// Fast path for vCPU threads: true whenever `request != Run`.
+    pending: AtomicBool,
+    state: Mutex<ControlState>,
+    changed: Condvar,
+}
+
+impl Default for VcpuControl {
+    fn default() -> Self {
+        VcpuControl {
+            pending: AtomicBool::new(false),
+            state: Mutex::new(ControlState {
+                request: Request::Run,
+                alive: 0,
+                parked: 0,
+            }),
+            changed: Condvar::new(),
+        }
+    }
+}
+
+impl VcpuControl {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ControlState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_request(&self, request: Request) {
+        let mut state = self.lock();
+        state.request = request;
+        self.pending
+            .store(request != Request::Run, Ordering::SeqCst);
+        self.changed.notify_all();
+    }
+
+    /// Called by a vCPU thread that saw `pending`: parks while paused. Returns false on stop.
+    fn park(&self) -> bool {
+        let mut state = self.lock();
+        if state.request == Request::Pause {
+            state.parked += 1;
+            self.changed.notify_all();
+            while state.request == Request::Pause {
+                state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+            }
+            state.parked -= 1;
+            self.changed.notify_all();
+        }
+        state.request != Request::Stop
+    }
+
+    fn thread_started(&self) {
+        self.lock().alive += 1;
+    }
+
+    fn thread_finished(&self) {
+        let mut state = self.lock();
+        state.alive -= 1;
+        self.changed.notify_all();
+    }
+
+    /// True once every live vCPU thread is parked (or none is left).
+    fn all_parked(&self) -> bool {
+        let state = self.lock();
+        state.parked >= state.alive
+    }
+}
+
+thread_local! {
+    /// `kvm_run.immediate_exit` of the vCPU owned by this thread, for the kick handler.
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The real-time signal used to kick vCPU threads.
+pub fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let flag = IMMEDIATE_EXIT.with(|cell| cell.get());
+    if !flag.is_null() {
+        // SAFETY: the pointer was set by this thread to its vCPU's kvm_run mapping, which
+        // outlives the registration (it is cleared before the VcpuFd drops); a volatile byte
+        // store is async-signal-safe.
+        unsafe { std::ptr::write_volatile(flag, 1) };
+    }
+}
+
+/// Installs the kick handler (idempotent; call before starting vCPU threads).
+pub fn register_kick_handler() -> Result<()> {
+    register_signal_handler(kick_signal(), handle_kick)
+        .map_err(|e| Error::Sys("sigaction(vCPU kick)", e.into()))
+}
+
+/// One vCPU and what its exits are dispatched to.
+pub struct Vcpu {
+    /// The KVM vCPU.
+    pub fd: VcpuFd,
+    /// Index (also APIC ID).
+    pub id: u8,
+    /// Port-I/O bus.
+    pub pio: Arc<Bus>,
+    /// MMIO bus.
+    pub mmio: Arc<Bus>,
+    /// Where fatal exits are reported.
+    pub exit: Arc<ExitEvent>,
+    /// Exit counters.
+    pub counters: Arc<VcpuCounters>,
+}
+
+/// Why a vCPU loop ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VcpuStop {
+    /// The controller asked for it.
+    Stopped,
+    /// The guest halted with no in-kernel irqchip to wake it (hand-built test guests).
+    Halted,
+    /// The guest reset or powered off.
+    GuestExit(ExitReason),
+}
+
+impl Vcpu {
+    /// Handles one exit; `Ok(None)` means keep running.
+    fn handle_exit(&mut self) -> Result<Option<VcpuStop>> {
+        let id = self.id;
+        let exit = match self.fd.run() {
+            Ok(exit) => exit,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                self.fd.set_kvm_immediate_exit(0);
+                self.counters.interrupted.fetch_add(1, Ordering::Relaxed);
+                return Ok(None);
+            }
+            Err(e) => return Err(Error::Kvm("KVM_RUN", e)),
+        };
+        match exit {
+            VcpuExit::IoOut(port, data) => {
+                self.counters.io_out.fetch_add(1, Ordering::Relaxed);
+                if !self.pio.write(u64::from(port), data) {
+                    tracing::trace!("vCPU {id}: unclaimed out {port:#x} <- {data:x?}");
+                }
+            }
+            VcpuExit::IoIn(port, data) => {
+                self.counters.io_in.fetch_add(1, Ordering::Relaxed);
+                if !self.pio.read(u64::from(port), data) {
+                    // An absent ISA port floats high.
+                    data.fill(0xff);
+                    tracing::trace!("vCPU {id}: unclaimed in {port:#x}");
+                }
+            }
+            VcpuExit::MmioRead(addr, data) => {
+                self.counters.mmio_read.fetch_add(1, Ordering::Relaxed);
+                if !self.mmio.read(addr, data) {
+                    data.fill(0);
+                    tracing::debug!("vCPU {id}: unclaimed MMIO read {addr:#x}");
+                }
+            }
+            VcpuExit::MmioWrite(addr, data) => {
+                self.counters.mmio_write.fetch_add(1, Ordering::Relaxed);
+                if !self.mmio.write(addr, data) {
+                    tracing::debug!("vCPU {id}: unclaimed MMIO write {addr:#x} <- {data:x?}");
+                }
+            }
+            VcpuExit::Hlt => return Ok(Some(VcpuStop::Halted)),
+            VcpuExit::Shutdown => {
+                // A triple fault: the guest is gone, as on a PC that resets.
+                return Ok(Some(VcpuStop::GuestExit(ExitReason::Reset)));
+            }
+            VcpuExit::SystemEvent(kind, _) => {
+                self.counters.other.fetch_add(1, Ordering::Relaxed);
+                let reason = match kind {
+                    KVM_SYSTEM_EVENT_SHUTDOWN => ExitReason::PowerOff,
+                    KVM_SYSTEM_EVENT_RESET => ExitReason::Reset,
+                    other => ExitReason::Error(format!("system event {other}")),
+                };
+                return Ok(Some(VcpuStop::GuestExit(reason)));
+            }
+            VcpuExit::FailEntry(reason, cpu) => {
+                return Err(Error::VcpuExit(
+                    id,
+                    format!("KVM entry failed: reason {reason:#x} on host CPU {cpu}"),
+                ));
+            }
+            VcpuExit::InternalError => {
+                let suberror = internal_error_suberror(&mut self.fd);
+                return Err(Error::VcpuExit(
+                    id,
+                    format!("KVM internal error, suberror {suberror}"),
+                ));
+            }
+            other => {
+                self.counters.other.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("vCPU {id}: ignored exit {other:?}");
+            }
+        }
+        Ok(None)
+    }
+
+    /// Runs until the guest halts/exits, an error occurs, or `control` asks to stop.
+    pub fn run(&mut self, control: &VcpuControl) -> Result<VcpuStop> {
+        loop {
+            if control.pending.load(Ordering::SeqCst) && !control.park() {
+                return Ok(VcpuStop::Stopped);
+            }
+            if let Some(stop) = self.handle_exit()? {
+                return Ok(stop);
+            }
+        }
+    }
+}
+
+fn internal_error_suberror(fd: &mut VcpuFd) -> u32 {
+    let run = fd.get_kvm_run();
+    // SAFETY: KVM sets `exit_reason` to KVM_EXIT_INTERNAL_ERROR, for which the `internal`
+    // member of the exit union is the one it filled.
+    unsafe { run.__bindgen_anon_1.internal.suberror }
+}
+
+/// A started vCPU thread.
+pub struct VcpuHandle {
+    /// Index of the vCPU.
+    pub id: u8,
+    thread: JoinHandle<()>,
+}
+
+/// Starts `vcpu` on its own thread. Fatal exits and errors go to the VM's [`ExitEvent`].
+pub fn spawn_vcpu(mut vcpu: Vcpu, control: Arc<VcpuControl>) -> Result<VcpuHandle> {
+    let id = vcpu.id;
+    control.thread_started();
+    let thread_control = control.clone();
+    let thread = std::thread::Builder::new()
+        .name(format!("vcpu{id}"))
+        .spawn(move || {
+            let control = thread_control;
+            let flag: *mut u8 = &mut vcpu.fd.get_kvm_run().immediate_exit;
+            IMMEDIATE_EXIT.with(|cell| cell.set(flag));
+            let outcome = vcpu.run(&control);
+            IMMEDIATE_EXIT.with(|cell| cell.set(std::ptr::null_mut()));
+            match outcome {
+                Ok(VcpuStop::Stopped) => {}
+                Ok(VcpuStop::Halted) => {
+                    tracing::warn!("vCPU {id} halted with no interrupt source");
+                    vcpu.exit
+                        .request(ExitReason::Error(format!("vCPU {id} halted")));
+                }
+                Ok(VcpuStop::GuestExit(reason)) => vcpu.exit.request(reason),
+                Err(e) => {
+                    tracing::error!("{e}");
+                    vcpu.exit.request(ExitReason::Error(e.to_string()));
+                }
+            }
+            control.thread_finished();
+        })
+        .map_err(|e| {
+            control.thread_finished();
+            Error::Sys("spawn vCPU thread", e)
+        })?;
+    Ok(VcpuHandle { id, thread })
+}
+
+/// Stops every vCPU out of KVM_RUN and waits until all are parked (or gone).
+pub fn pause_all(control: &VcpuControl, handles: &[VcpuHandle]) {
+    control.set_request(Request::Pause);
+    kick_until(control, handles, || control.all_parked());
+}
+
+/// Lets parked vCPUs run again.
+pub fn resume_all(control: &VcpuControl) {
+    control.set_request(Request::Run);
+}
+
+/// Stops and joins every vCPU thread.
+pub fn stop_all(control: &VcpuControl, handles: Vec<VcpuHandle>) {
+    control.set_request(Request::Stop);
+    kick_until(control, &handles, || {
+        handles.iter().all(|h| h.thread.is_finished())
+    });
+    for handle in handles {
+        if handle.thread.join().is_err() {
+            tracing::error!("vCPU {} thread panicked", handle.id);
+        }
+    }
+}
+
+/// Signals the live vCPU threads until `done` holds. Signals are repeated because a thread
+/// busy in a device handler (not in KVM_RUN) sees the request only when it comes back.
+fn kick_until(control: &VcpuControl, handles: &[VcpuHandle], done: impl Fn() -> bool) {
+    while !done() {
+        for handle in handles.iter().filter(|h| !h.thread.is_finished()) {
+            // ESRCH only means the thread already ended.
+            let _ = handle.thread.kill(kick_signal());
+        }
+        let state = control.lock();
+        let _ = control
+            .changed
+            .wait_timeout(state, Duration::from_millis(20))
+            .unwrap_or_else(|p| p.into_inner());
+    }
+}

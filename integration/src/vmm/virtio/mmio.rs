@@ -1,0 +1,280 @@
+//! The virtio-mmio transport (virtio 1.x §4.2.2, version 2 register layout).
+
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use super::{ActivateContext, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use crate::vmm::bus::BusDevice;
+
+/// "virt" in little endian.
+pub const MMIO_MAGIC_VALUE: u32 = 0x7472_6976;
+/// Non-legacy virtio-mmio.
+pub const MMIO_VERSION: u32 = 2;
+/// Our vendor ID ("EXT\0").
+pub const MMIO_VENDOR_ID: u32 = 0x0054_5845;
+
+const REG_MAGIC: u64 = 0x000;
+const REG_VERSION: u64 = 0x004;
+const REG_DEVICE_ID: u64 = 0x008;
+const REG_VENDOR_ID: u64 = 0x00c;
+const REG_DEVICE_FEATURES: u64 = 0x010;
+const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
+const REG_DRIVER_FEATURES: u64 = 0x020;
+const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
+const REG_QUEUE_SEL: u64 = 0x030;
+const REG_QUEUE_NUM_MAX: u64 = 0x034;
+const REG_QUEUE_NUM: u64 = 0x038;
+const REG_QUEUE_READY: u64 = 0x044;
+const REG_QUEUE_NOTIFY: u64 = 0x050;
+const REG_INTERRUPT_STATUS: u64 = 0x060;
+const REG_INTERRUPT_ACK: u64 = 0x064;
+const REG_STATUS: u64 = 0x070;
+const REG_QUEUE_DESC_LOW: u64 = 0x080;
+const REG_QUEUE_DESC_HIGH: u64 = 0x084;
+const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
+const REG_QUEUE_DRIVER_HIGH: u64 = 0x094;
+const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
+const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+const REG_CONFIG_GENERATION: u64 = 0x0fc;
+/// Device-specific configuration space starts here.
+pub const CONFIG_SPACE_OFFSET: u64 = 0x100;
+
+const STATUS_FEATURES_OK: u32 = 8;
+const STATUS_DRIVER_OK: u32 = 4;
+const STATUS_FAILED: u32 = 0x80;
+
+/// One virtio device behind its MMIO register window.
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    memory: GuestMemoryMmap,
+    interrupt: Arc<VirtioInterrupt>,
+    queues: Vec<Queue>,
+    queue_select: u32,
+    device_features_select: u32,
+    driver_features_select: u32,
+    driver_features: u64,
+    status: u32,
+    activated: bool,
+    config_generation: u32,
+}
+
+impl MmioTransport {
+    /// Wraps `device`; its queues live in `memory`, its interrupt is `interrupt`.
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        memory: GuestMemoryMmap,
+        interrupt: Arc<VirtioInterrupt>,
+    ) -> Self {
+        let queues = Self::fresh_queues(device.as_ref());
+        MmioTransport {
+            device,
+            memory,
+            interrupt,
+            queues,
+            queue_select: 0,
+            device_features_select: 0,
+            driver_features_select: 0,
+            driver_features: 0,
+            status: 0,
+            activated: false,
+            config_generation: 0,
+        }
+    }
+
+    fn fresh_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
+        device
+            .queue_max_sizes()
+            .iter()
+            // Sizes come from our own device code and are powers of two below 32768.
+            .filter_map(|&size| Queue::new(size).ok())
+            .collect()
+    }
+
+    /// The wrapped device (for counters).
+    pub fn device(&self) -> &dyn VirtioDevice {
+        self.device.as_ref()
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        // Queue registers may change only before DRIVER_OK (virtio 1.x §4.2.2.3).
+        if self.activated {
+            return None;
+        }
+        self.queues.get_mut(self.queue_select as usize)
+    }
+
+    fn reset(&mut self) {
+        if self.activated {
+            self.device.reset();
+        }
+        self.queues = Self::fresh_queues(self.device.as_ref());
+        self.activated = false;
+        self.status = 0;
+        self.driver_features = 0;
+        self.queue_select = 0;
+        self.interrupt.ack(u32::MAX);
+    }
+
+    fn set_status(&mut self, status: u32) {
+        if status == 0 {
+            self.reset();
+            return;
+        }
+        let mut status = status;
+        if status & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
+            let offered = self.device.features();
+            if self.driver_features & !offered != 0
+                || self.driver_features & VIRTIO_F_VERSION_1 == 0
+            {
+                // Refusing FEATURES_OK tells the driver negotiation failed.
+                status &= !STATUS_FEATURES_OK;
+            }
+        }
+        self.status = status;
+        if status & STATUS_DRIVER_OK != 0 && !self.activated {
+            self.activate();
+        }
+    }
+
+    fn activate(&mut self) {
+        let valid = self
+            .queues
+            .iter()
+            .all(|q| !q.ready() || q.is_valid(&self.memory));
+        if !valid {
+            tracing::warn!(
+                "virtio type {}: invalid queue setup",
+                self.device.device_type()
+            );
+            self.status |= STATUS_FAILED;
+            return;
+        }
+        let context = ActivateContext {
+            memory: self.memory.clone(),
+            // The device owns the queues from now on; a reset builds fresh ones.
+            queues: std::mem::take(&mut self.queues),
+            interrupt: self.interrupt.clone(),
+            acked_features: self.driver_features,
+        };
+        match self.device.activate(context) {
+            Ok(()) => self.activated = true,
+            Err(e) => {
+                tracing::error!(
+                    "virtio type {}: activation failed: {e}",
+                    self.device.device_type()
+                );
+                self.status |= STATUS_FAILED;
+            }
+        }
+    }
+
+    fn read_register(&self, offset: u64) -> u32 {
+        match offset {
+            REG_MAGIC => MMIO_MAGIC_VALUE,
+            REG_VERSION => MMIO_VERSION,
+            REG_DEVICE_ID => self.device.device_type(),
+            REG_VENDOR_ID => MMIO_VENDOR_ID,
+            REG_DEVICE_FEATURES => match self.device_features_select {
+                0 => self.device.features() as u32,
+                1 => (self.device.features() >> 32) as u32,
+                _ => 0,
+            },
+            REG_QUEUE_NUM_MAX => self
+                .queues
+                .get(self.queue_select as usize)
+                .map_or(0, |q| u32::from(q.max_size())),
+            REG_QUEUE_READY => self
+                .queues
+                .get(self.queue_select as usize)
+                .map_or(0, |q| u32::from(q.ready())),
+            REG_INTERRUPT_STATUS => self.interrupt.status(),
+            REG_STATUS => self.status,
+            REG_CONFIG_GENERATION => self.config_generation,
+            _ => {
+                tracing::debug!("virtio-mmio: read of unknown register {offset:#x}");
+                0
+            }
+        }
+    }
+
+    fn write_register(&mut self, offset: u64, value: u32) {
+        match offset {
+            REG_DEVICE_FEATURES_SEL => self.device_features_select = value,
+            REG_DRIVER_FEATURES_SEL => self.driver_features_select = value,
+            REG_DRIVER_FEATURES => match self.driver_features_select {
+                0 => {
+                    self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(value)
+                }
+                1 => {
+                    self.driver_features =
+                        (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
+                }
+                _ => {}
+            },
+            REG_QUEUE_SEL => self.queue_select = value,
+            REG_QUEUE_NUM => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_size(value as u16);
+                }
+            }
+            REG_QUEUE_READY => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_ready(value == 1);
+                }
+            }
+            REG_QUEUE_DESC_LOW
+            | REG_QUEUE_DESC_HIGH
+            | REG_QUEUE_DRIVER_LOW
+            | REG_QUEUE_DRIVER_HIGH
+            | REG_QUEUE_DEVICE_LOW
+            | REG_QUEUE_DEVICE_HIGH => {
+                if let Some(q) = self.selected_queue() {
+                    let (low, high) = if offset & 4 == 0 {
+                        (Some(value), None)
+                    } else {
+                        (None, Some(value))
+                    };
+                    match offset & !4 {
+                        REG_QUEUE_DESC_LOW => q.set_desc_table_address(low, high),
+                        REG_QUEUE_DRIVER_LOW => q.set_avail_ring_address(low, high),
+                        _ => q.set_used_ring_address(low, high),
+                    }
+                }
+            }
+            REG_QUEUE_NOTIFY => {
+                if self.activated {
+                    self.device.queue_notify(value);
+                }
+            }
+            REG_INTERRUPT_ACK => self.interrupt.ack(value),
+            REG_STATUS => self.set_status(value),
+            _ => tracing::debug!("virtio-mmio: write {value:#x} to unknown register {offset:#x}"),
+        }
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_SPACE_OFFSET {
+            self.device.read_config(offset - CONFIG_SPACE_OFFSET, data);
+        } else if data.len() == 4 && offset % 4 == 0 {
+            data.copy_from_slice(&self.read_register(offset).to_le_bytes());
+        } else {
+            // Registers are 32-bit only (§4.2.2.2); other widths read as zero.
+            data.fill(0);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_SPACE_OFFSET {
+            self.device.write_config(offset - CONFIG_SPACE_OFFSET, data);
+            self.config_generation = self.config_generation.wrapping_add(1);
+        } else if let Ok(bytes) = <[u8; 4]>::try_from(data) {
+            if offset % 4 == 0 {
+                self.write_register(offset, u32::from_le_bytes(bytes));
+            }
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! Building a VM: KVM VM with in-kernel irqchip and PIT, guest memory, platform and virtio
+//! devices on their buses, ACPI tables, the PVH boot state and configured vCPUs.
+
+use std::fs::OpenOptions;
+use std::io::{self, Write};
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vm_memory::GuestMemoryMmap;
+use vm_superio::I8042Device;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::acpi::{write_acpi_tables, VirtioMmioResource};
+use super::boot::load_pvh;
+use super::bus::Bus;
+use super::config::{SerialOutput, VmConfig};
+use super::cpu;
+use super::devices::legacy::{AcpiPm, ResetTrigger, I8042};
+use super::devices::serial::{SerialCounters, SerialDevice};
+use super::devices::IrqTrigger;
+use super::error::{Error, Result};
+use super::exit::ExitEvent;
+use super::layout::*;
+use super::memory::{create_guest_memory, register_memory};
+use super::vcpu::{Vcpu, VcpuCounters};
+use super::virtio::block::Block;
+use super::virtio::console::Console;
+use super::virtio::mmio::MmioTransport;
+use super::virtio::{VirtioDevice, VirtioInterrupt};
+
+/// A virtio device as the VMM keeps it: name for counters, and its transport.
+pub struct VirtioSlot {
+    /// Counter/device id, e.g. `virtio-blk0`.
+    pub name: String,
+    /// The transport on the MMIO bus.
+    pub transport: Arc<Mutex<MmioTransport>>,
+}
+
+/// A configured VM whose vCPUs have not started yet.
+pub struct Vm {
+    /// The KVM VM.
+    pub fd: VmFd,
+    /// Guest RAM.
+    pub memory: GuestMemoryMmap,
+    /// Port-I/O devices.
+    pub pio: Arc<Bus>,
+    /// MMIO devices.
+    pub mmio: Arc<Bus>,
+    /// Stop requests from devices and vCPUs.
+    pub exit: Arc<ExitEvent>,
+    /// COM1.
+    pub serial: Arc<Mutex<SerialDevice>>,
+    /// COM1 counters.
+    pub serial_counters: Arc<SerialCounters>,
+    /// virtio devices in DSDT order.
+    pub virtio: Vec<VirtioSlot>,
+    /// Configured vCPUs (boot vCPU first), ready to be started.
+    pub vcpus: Vec<Vcpu>,
+    /// Per-vCPU exit counters (same order).
+    pub vcpu_counters: Vec<Arc<VcpuCounters>>,
+}
+
+/// Opens `/dev/kvm` and creates a VM with the in-kernel LAPIC/IOAPIC/PIC and PIT.
+pub fn create_kvm_vm() -> Result<(Kvm, VmFd)> {
+    let kvm = Kvm::new().map_err(|e| Error::Kvm("open /dev/kvm", e))?;
+    let vm = kvm
+        .create_vm()
+        .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
+    vm.set_tss_address(KVM_TSS_START as usize)
+        .map_err(|e| Error::Kvm("KVM_SET_TSS_ADDR", e))?;
+    vm.set_identity_map_address(KVM_IDENTITY_MAP_START)
+        .map_err(|e| Error::Kvm("KVM_SET_IDENTITY_MAP_ADDR", e))?;
+    vm.create_irq_chip()
+        .map_err(|e| Error::Kvm("KVM_CREATE_IRQCHIP", e))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit)
+        .map_err(|e| Error::Kvm("KVM_CREATE_PIT2", e))?;
+    Ok((kvm, vm))
+}
+
+/// An eventfd registered as an irqfd for `gsi`.
+pub fn irqfd(vm: &VmFd, gsi: u32) -> Result<EventFd> {
+    let fd = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Sys("eventfd", e.into()))?;
+    vm.register_irqfd(&fd, gsi)
+        .map_err(|e| Error::Kvm("KVM_IRQFD", e))?;
+    Ok(fd)
+}
+
+fn console_writer(serial: &SerialOutput) -> Result<Box<dyn Write + Send>> {
+    Ok(match serial {
+        SerialOutput::Tty => Box::new(io::stdout()),
+        SerialOutput::Off => Box::new(io::sink()),
+        SerialOutput::File(path) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| Error::File {
+                    path: path.display().to_string(),
+                    source,
+                })?,
+        ),
+    })
+}
+
+/// Sets up one vCPU's architectural state; the boot vCPU also gets the PVH entry registers.
+pub fn configure_vcpu(kvm: &Kvm, fd: &VcpuFd, id: u8, count: u8) -> Result<()> {
+    let cpuid = cpu::vcpu_cpuid(kvm, id, count)?;
+    fd.set_cpuid2(&cpuid)
+        .map_err(|e| Error::Kvm("KVM_SET_CPUID2", e))?;
+    cpu::setup_msrs(fd)?;
+    cpu::setup_fpu(fd)?;
+    cpu::setup_lapic(fd)
+}
+
+impl Vm {
+    /// Builds the whole VM for `config`, ready to run from the kernel's PVH entry.
+    pub fn new(config: &VmConfig) -> Result<Self> {
+        if config.memory_size > (1 << 40) {
+            return Err(Error::Unsupported("more than 1 TiB of memory".into()));
+        }
+        let (kvm, fd) = create_kvm_vm()?;
+        let memory = create_guest_memory(config.memory_size, config.memory_shared)?;
+        register_memory(&fd, &memory)?;
+        let exit = Arc::new(ExitEvent::new()?);
+
+        let mut pio = Bus::new();
+        let serial = Arc::new(Mutex::new(SerialDevice::new(
+            IrqTrigger(irqfd(&fd, COM1_GSI)?),
+            console_writer(&config.serial)?,
+        )));
+        let serial_counters = serial.lock().unwrap_or_else(|p| p.into_inner()).counters();
+        pio.insert(serial.clone(), u64::from(COM1_PORT), 8)?;
+        let i8042 = I8042(I8042Device::new(ResetTrigger(exit.clone())));
+        pio.insert(Arc::new(Mutex::new(i8042)), u64::from(I8042_PORT), 5)?;
+        pio.insert(
+            Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
+            u64::from(ACPI_SLEEP_CONTROL_PORT),
+            3,
+        )?;
+
+        let mut devices: Vec<(String, Box<dyn VirtioDevice>)> = vec![(
+            "virtio-console0".to_string(),
+            Box::new(Console::new(console_writer(&config.serial)?)),
+        )];
+        for (i, disk) in config.disks.iter().enumerate() {
+            devices.push((format!("virtio-blk{i}"), Box::new(Block::new(disk)?)));
+        }
+        let mut mmio = Bus::new();
+        let mut virtio = Vec::new();
+        let mut resources = Vec::new();
+        for (i, (name, device)) in devices.into_iter().enumerate() {
+            let gsi = VIRTIO_GSI_START + i as u32;
+            if gsi >= IOAPIC_PINS {
+                return Err(Error::Unsupported("too many virtio devices".into()));
+            }
+            let base = VIRTIO_MMIO_START + i as u64 * VIRTIO_MMIO_SIZE;
+            let interrupt = Arc::new(VirtioInterrupt::new(irqfd(&fd, gsi)?));
+            let transport = Arc::new(Mutex::new(MmioTransport::new(
+                device,
+                memory.clone(),
+                interrupt,
+            )));
+            mmio.insert(transport.clone(), base, VIRTIO_MMIO_SIZE)?;
+            resources.push(VirtioMmioResource {
+                base,
+                size: VIRTIO_MMIO_SIZE,
+                gsi,
+            });
+            virtio.push(VirtioSlot { name, transport });
+        }
+
+        let rsdp = write_acpi_tables(&memory, config.cpus, &resources)?;
+        let boot = load_pvh(&memory, config, rsdp)?;
+
+        let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
+        let mut vcpus = Vec::new();
+        let mut vcpu_counters = Vec::new();
+        for id in 0..config.cpus {
+            let vcpu_fd = fd
+                .create_vcpu(u64::from(id))
+                .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
+            configure_vcpu(&kvm, &vcpu_fd, id, config.cpus)?;
+            if id == 0 {
+                cpu::setup_pvh_registers(&vcpu_fd, &memory, boot.entry, boot.start_info)?;
+            }
+            let counters = Arc::new(VcpuCounters::default());
+            vcpu_counters.push(counters.clone());
+            vcpus.push(Vcpu {
+                fd: vcpu_fd,
+                id,
+                pio: pio.clone(),
+                mmio: mmio.clone(),
+                exit: exit.clone(),
+                counters,
+            });
+        }
+        tracing::info!(
+            "VM ready: {} vCPU(s), {} MiB, PVH entry {:#x}, {} virtio device(s)",
+            config.cpus,
+            config.memory_size >> 20,
+            boot.entry.0,
+            virtio.len()
+        );
+        Ok(Vm {
+            fd,
+            memory,
+            pio,
+            mmio,
+            exit,
+            serial,
+            serial_counters,
+            virtio,
+            vcpus,
+            vcpu_counters,
+        })
+    }
+}
