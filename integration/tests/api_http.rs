@@ -10,6 +10,7 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -25,6 +26,14 @@ const MEMORY_SIZE: u64 = 512 << 20;
 /// Cloud Hypervisor allows and records what the API asked for.
 struct FixtureVmm {
     state: Mutex<FixtureState>,
+    /// When set, `vmm_shutdown` reports that it was entered and waits to be released, so a
+    /// test can act while the request is inside the backend.
+    shutdown_gate: Mutex<Option<ShutdownGate>>,
+}
+
+struct ShutdownGate {
+    entered: mpsc::Sender<()>,
+    release: mpsc::Receiver<()>,
 }
 
 #[derive(Default)]
@@ -44,12 +53,14 @@ impl FixtureVmm {
                 vm: Some(state),
                 ..FixtureState::default()
             }),
+            shutdown_gate: Mutex::new(None),
         })
     }
 
     fn without_vm() -> Arc<Self> {
         Arc::new(FixtureVmm {
             state: Mutex::new(FixtureState::default()),
+            shutdown_gate: Mutex::new(None),
         })
     }
 
@@ -82,6 +93,15 @@ impl VmmBackend for FixtureVmm {
     }
 
     fn vmm_shutdown(&self) -> Result<(), ApiError> {
+        let gate = self
+            .shutdown_gate
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(gate) = gate {
+            gate.entered.send(()).expect("test waits for the gate");
+            gate.release.recv().expect("test releases the gate");
+        }
         let mut state = self.lock();
         state.vm = None;
         state.vmm_shutdown_requested = true;
@@ -622,6 +642,40 @@ fn the_socket_is_private_and_removed_on_shutdown() {
         .expect("timeout");
     let mut rest = Vec::new();
     assert_eq!(lingering.read_to_end(&mut rest).ok(), Some(0));
+}
+
+#[test]
+fn stopping_the_server_still_answers_the_request_in_the_backend() {
+    let mut server = TestServer::start(FixtureVmm::with_vm(VmState::Running));
+    let (entered_tx, entered) = mpsc::channel();
+    let (release, release_rx) = mpsc::channel();
+    *server.vmm.shutdown_gate.lock().expect("gate") = Some(ShutdownGate {
+        entered: entered_tx,
+        release: release_rx,
+    });
+
+    // Accepted in connection order: the shutdown request's connection, then the idle one.
+    let mut requester = server.client();
+    let mut idle = UnixStream::connect(&server.path).expect("connect");
+    idle.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let request = std::thread::spawn(move || requester.request("PUT", "vmm.shutdown", None));
+    entered.recv().expect("vmm.shutdown reached the backend");
+
+    // This is what a VMM does once vmm_shutdown has signalled it.
+    let api_server = server.server.take().expect("running");
+    let stopping = std::thread::spawn(move || api_server.shutdown());
+    // The idle connection ending proves the server is now closing connections, including
+    // (being accepted before it) the one whose request is still in the backend.
+    let mut rest = Vec::new();
+    assert_eq!(idle.read_to_end(&mut rest).ok(), Some(0));
+    release.send(()).expect("release the backend");
+
+    let response = request.join().expect("request thread");
+    assert_eq!(response.expect("a response, not a reset").status, 204);
+    stopping.join().expect("server stopped");
+    assert!(server.vmm.lock().vmm_shutdown_requested);
+    assert!(!server.path.exists());
 }
 
 #[test]

@@ -175,8 +175,10 @@ impl ApiServer {
     }
 
     /// Stops accepting, closes every connection, waits for the server threads and removes
-    /// the socket. A request already inside the backend finishes first. Must not be called
-    /// from inside a [`VmmBackend`] method (that thread would wait for itself).
+    /// the socket. A request already inside the backend finishes and its response is sent
+    /// first, so a VMM may call this as soon as [`VmmBackend::vmm_shutdown`] has signalled
+    /// it. Must not be called from inside a [`VmmBackend`] method (that thread would wait
+    /// for itself).
     pub fn shutdown(mut self) {
         self.stop_and_clean_up();
     }
@@ -307,8 +309,10 @@ impl Acceptor {
                 }
             }
         }
+        // Only the read side: blocked reads return end-of-stream, while a response still
+        // being produced (say, the 204 to the `vmm.shutdown` that led to this stop) is sent.
         for client in &self.clients {
-            let _ = client.stream.shutdown(std::net::Shutdown::Both);
+            let _ = client.stream.shutdown(std::net::Shutdown::Read);
         }
         for client in self.clients.drain(..) {
             if client.thread.join().is_err() {
