@@ -6,3 +6,37 @@
 //! `ext-vmm`, the `vhost-user-mem` daemon) hands it its `GuestMemoryMmap` and gets back a
 //! snapshot that is smaller and faster to write and restore than a full dump. The on-disk and
 //! on-wire encodings are specified in `FORMAT.md` next to this crate.
+//!
+//! Entry points:
+//! - write: [`SnapshotWriter`] (file or stream; standalone or diff);
+//! - read: [`SnapshotFile`] (validated file), [`StreamReader`] (validated record by record);
+//! - restore: [`restore_eager`], [`restore_stream`], [`restore_stream_staged`],
+//!   [`restore_to_raw_file`] (the mapped and lazy modes build on [`SnapshotFile`]);
+//! - diffs: [`SnapshotChain`] (validate, resolve, restore, merge);
+//! - conversion: [`stream_to_file`], [`file_to_stream`].
+
+pub mod bench;
+pub mod cloud_hypervisor;
+pub mod diff;
+pub mod error;
+pub mod format;
+pub mod page_type;
+pub mod reader;
+pub mod residency;
+pub mod restore;
+pub mod writer;
+
+pub use diff::{Segment, SnapshotChain};
+pub use error::{Error, Result};
+pub use format::convert::{file_to_stream, stream_to_file};
+pub use format::{Extent, Header, ParentRef, Region, Run, SnapshotId, PAGE_SIZE};
+pub use page_type::PageType;
+pub use reader::{SnapshotFile, StreamReader, StreamRecord};
+pub use restore::{
+    fresh_memory, restore_chain_eager, restore_eager, restore_stream, restore_stream_staged,
+    restore_to_raw_file, EagerOptions, RawLayout, RestoreMode, RestoreReport,
+};
+pub use writer::{
+    is_zero_page, GfnBitmap, MemoryDirtyBitmap, PageSet, RegionBitmaps, SnapshotReport,
+    SnapshotWriter, WriteOptions,
+};

@@ -1,0 +1,24 @@
+//! Diff snapshots: chains of a base and diffs, their resolution, restore and merge.
+//!
+//! A diff is written by [`SnapshotWriter::diff_against`](crate::SnapshotWriter::diff_against)
+//! with a dirty page set; clean pages are recorded as `SameAsParent`. A [`SnapshotChain`] is a
+//! base followed by diffs, each naming the previous one by id and content digest. Resolving a
+//! chain gives, for every page, the newest layer that does not say `SameAsParent` — so a page
+//! that was never populated in the base and written with zeros later stays `Zero`, distinct
+//! from `NotPopulated`, through restore and [`SnapshotChain::merge`].
+
+mod chain;
+mod merge;
+
+pub use chain::{Segment, SnapshotChain};
+
+use crate::reader::SnapshotFile;
+
+/// The segments of a single snapshot, region by region (a chain of one).
+pub(crate) fn single_segments(snapshot: &SnapshotFile) -> Vec<Vec<Segment>> {
+    snapshot
+        .regions()
+        .iter()
+        .map(chain::base_segments)
+        .collect()
+}

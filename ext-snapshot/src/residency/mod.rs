@@ -1,0 +1,126 @@
+//! Host residency: which guest pages the host ever populated, learned without reading them.
+//!
+//! Reading a never-populated anonymous page would populate it (and a hole of a memfd would
+//! allocate a page cache page), so the writer asks the kernel instead: `/proc/self/pagemap`
+//! for anonymous memory, `SEEK_DATA`/`SEEK_HOLE` for file-backed (memfd) memory. A private
+//! mapping of a file needs both: the file's data plus the pages copied on write.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+
+use vm_memory::bitmap::Bitmap;
+use vm_memory::GuestRegionMmap;
+
+use crate::error::{Error, Result};
+use crate::format::PAGE_SIZE;
+
+const PAGEMAP_PRESENT: u64 = 1 << 63;
+const PAGEMAP_SWAPPED: u64 = 1 << 62;
+
+/// Answers "was this page ever populated?" for the regions of one guest memory.
+#[derive(Debug)]
+pub struct Residency {
+    pagemap: File,
+}
+
+impl Residency {
+    /// Opens `/proc/self/pagemap`; `Err(Io)` if it is not readable.
+    pub fn new() -> Result<Self> {
+        let pagemap = File::open("/proc/self/pagemap")
+            .map_err(|e| Error::io("open /proc/self/pagemap", e))?;
+        Ok(Residency { pagemap })
+    }
+
+    /// Fills `out[i]` with whether page `first_page + i` of `region` is populated on the host,
+    /// for `out.len()` pages. Reads no guest memory.
+    pub fn populated<B: Bitmap>(
+        &self,
+        region: &GuestRegionMmap<B>,
+        first_page: u64,
+        out: &mut [bool],
+    ) -> Result<()> {
+        out.fill(false);
+        let shared = region.flags() & libc::MAP_SHARED != 0;
+        match region.file_offset() {
+            Some(fo) => {
+                let start = fo.start() + first_page * PAGE_SIZE;
+                file_data(fo.file(), start, out)?;
+                if !shared {
+                    self.pagemap_present(region, first_page, out)?;
+                }
+            }
+            None => self.pagemap_present(region, first_page, out)?,
+        }
+        Ok(())
+    }
+
+    /// ORs pagemap "present or swapped" into `out`.
+    fn pagemap_present<B: Bitmap>(
+        &self,
+        region: &GuestRegionMmap<B>,
+        first_page: u64,
+        out: &mut [bool],
+    ) -> Result<()> {
+        let vaddr = region.as_ptr() as u64 + first_page * PAGE_SIZE;
+        let mut entries = vec![0u8; 8 * 4096];
+        let mut done = 0usize;
+        while done < out.len() {
+            let n = (out.len() - done).min(4096);
+            let buf = &mut entries[..n * 8];
+            let offset = (vaddr / PAGE_SIZE + done as u64) * 8;
+            self.pagemap
+                .read_exact_at(buf, offset)
+                .map_err(|e| Error::io("read /proc/self/pagemap", e))?;
+            for (i, e) in buf.chunks_exact(8).enumerate() {
+                let entry = crate::format::le_u64(e);
+                if entry & (PAGEMAP_PRESENT | PAGEMAP_SWAPPED) != 0 {
+                    out[done + i] = true;
+                }
+            }
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+/// `lseek` with `SEEK_DATA`/`SEEK_HOLE`: `Ok(None)` when there is no data (or hole) at or
+/// after `offset` (ENXIO), `Err` on any other failure (e.g. a filesystem without support).
+fn seek(file: &File, offset: u64, whence: libc::c_int) -> Result<Option<u64>> {
+    let off = libc::off_t::try_from(offset)
+        .map_err(|_| Error::UnsupportedMemory(format!("file offset {offset:#x} too large")))?;
+    // SAFETY: lseek on a valid, open descriptor has no memory effects; SEEK_DATA/SEEK_HOLE use
+    // the given offset, not the shared file position, so concurrent callers get correct answers.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
+    if r < 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::ENXIO) {
+            return Ok(None);
+        }
+        return Err(Error::io(
+            "lseek SEEK_DATA/SEEK_HOLE on guest memory file",
+            err,
+        ));
+    }
+    Ok(Some(r as u64))
+}
+
+/// Marks in `out` the pages of `[start, start + out.len() pages)` of `file` that hold data.
+fn file_data(file: &File, start: u64, out: &mut [bool]) -> Result<()> {
+    let end = start + out.len() as u64 * PAGE_SIZE;
+    let mut pos = start;
+    while pos < end {
+        let Some(data) = seek(file, pos, libc::SEEK_DATA)? else {
+            break;
+        };
+        if data >= end {
+            break;
+        }
+        let hole = seek(file, data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+        let first = (data - start) / PAGE_SIZE;
+        let last = (hole - start).div_ceil(PAGE_SIZE);
+        out[first as usize..last as usize].fill(true);
+        pos = hole.max(data + 1);
+    }
+    Ok(())
+}

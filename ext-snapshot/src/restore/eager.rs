@@ -1,0 +1,319 @@
+//! Eager restore: copy data pages in, leave every other page untouched.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Instant;
+
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{GuestMemory, GuestRegionMmap};
+
+use super::target::Target;
+use super::{EagerOptions, RestoreReport};
+use crate::diff::{Segment, SnapshotChain};
+use crate::error::{Error, Result};
+use crate::format::{MAX_DATA_RUN_PAGES, PAGE_SIZE};
+use crate::page_type::PageType;
+use crate::reader::{SnapshotFile, StreamReader};
+
+/// Restores a standalone snapshot into `mem`, which must have the snapshot's regions.
+///
+/// Everything is validated first (structure at open, every data checksum here); `Err` before
+/// any write leaves `mem` untouched. `Ok` means memory now reads exactly as the snapshotted
+/// memory did. With `target_is_fresh`, only data pages are written. A diff snapshot is applied
+/// onto the memory's current content (its `SameAsParent` pages left alone) when the target is
+/// not fresh, and rejected with `Err(NeedsParent)` when it is.
+pub fn restore_eager<M, B>(
+    snapshot: &SnapshotFile,
+    mem: &M,
+    options: EagerOptions,
+) -> Result<RestoreReport>
+where
+    M: GuestMemory<R = GuestRegionMmap<B>>,
+    B: Bitmap + Sync,
+{
+    let segments = crate::diff::single_segments(snapshot);
+    restore_segments(&[snapshot], &segments, mem, options)
+}
+
+/// Restores a chain (base and diffs) into `mem`, page by page from the newest layer that has
+/// the page. Same guarantees as [`restore_eager`]; every layer is verified before the first
+/// write.
+pub fn restore_chain_eager<M, B>(
+    chain: &SnapshotChain,
+    mem: &M,
+    options: EagerOptions,
+) -> Result<RestoreReport>
+where
+    M: GuestMemory<R = GuestRegionMmap<B>>,
+    B: Bitmap + Sync,
+{
+    let layers: Vec<&SnapshotFile> = chain.layers().iter().collect();
+    restore_segments(&layers, &chain.resolve(), mem, options)
+}
+
+fn restore_segments<M, B>(
+    layers: &[&SnapshotFile],
+    segments: &[Vec<Segment>],
+    mem: &M,
+    options: EagerOptions,
+) -> Result<RestoreReport>
+where
+    M: GuestMemory<R = GuestRegionMmap<B>>,
+    B: Bitmap + Sync,
+{
+    let start = Instant::now();
+    let target = Target::new(mem, &layers[0].layout())?;
+    let has_parent_pages = segments
+        .iter()
+        .flatten()
+        .any(|s| s.page_type == PageType::SameAsParent);
+    if has_parent_pages && options.target_is_fresh {
+        return Err(Error::NeedsParent);
+    }
+    layers.iter().try_for_each(|l| l.verify_data())?;
+    let verify_seconds = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+
+    // Work items: (region, segment); long data segments are cut so both threads stay busy.
+    let mut work = Vec::new();
+    for (ri, segs) in segments.iter().enumerate() {
+        for s in segs {
+            let wanted = match s.page_type {
+                PageType::Data => true,
+                PageType::SameAsParent => false,
+                _ => !options.target_is_fresh,
+            };
+            if !wanted {
+                continue;
+            }
+            let mut done = 0;
+            while done < s.pages {
+                let n = (s.pages - done).min(MAX_DATA_RUN_PAGES);
+                work.push((
+                    ri,
+                    Segment {
+                        first_page: s.first_page + done,
+                        pages: n,
+                        source: s.source.map(|(l, o)| (l, o + done * PAGE_SIZE)),
+                        ..*s
+                    },
+                ));
+                done += n;
+            }
+        }
+    }
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let worker = || -> Result<(u64, u64)> {
+        let (mut data, mut discarded) = (0, 0);
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            if i >= work.len() || failed.load(Ordering::Relaxed) {
+                return Ok((data, discarded));
+            }
+            let (ri, s) = work[i];
+            let r = match s.source {
+                Some((layer, offset)) => {
+                    data += s.pages;
+                    target.read_from(ri, s.first_page, s.pages, layers[layer].file(), offset)
+                }
+                None => {
+                    discarded += s.pages;
+                    target.discard(ri, s.first_page, s.pages)
+                }
+            };
+            if let Err(e) = r {
+                failed.store(true, Ordering::Relaxed);
+                return Err(e);
+            }
+        }
+    };
+    let (data_pages, discarded_pages) = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..options.threads.max(1))
+            .map(|_| s.spawn(worker))
+            .collect();
+        handles.into_iter().try_fold((0, 0), |(d, z), h| {
+            let (d2, z2) = h.join().map_err(|_| {
+                Error::io(
+                    "restore thread",
+                    std::io::Error::other("restore thread panicked"),
+                )
+            })??;
+            Ok::<_, Error>((d + d2, z + z2))
+        })
+    })?;
+    Ok(RestoreReport {
+        data_pages,
+        discarded_pages,
+        verify_seconds,
+        restore_seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// How guest memory is laid out in a raw memory file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RawLayout {
+    /// File offset = guest physical address (what `ext-snapshot restore --to` writes).
+    GuestPhysical,
+    /// Regions back to back in address order (Cloud Hypervisor's `memory-ranges`).
+    Packed,
+}
+
+/// Writes the memory of a standalone snapshot (or of a resolved chain, see
+/// [`SnapshotChain::restore_to_raw_file`]) into `out` as a sparse raw file: `out` is truncated,
+/// sized, and only data pages are written, so every other page is a hole. Validates all data
+/// first; `Err` before the first write leaves `out` untouched.
+pub fn restore_to_raw_file(
+    snapshot: &SnapshotFile,
+    out: &File,
+    layout: RawLayout,
+) -> Result<RestoreReport> {
+    let segments = crate::diff::single_segments(snapshot);
+    raw_from_segments(&[snapshot], &segments, out, layout)
+}
+
+pub(crate) fn raw_from_segments(
+    layers: &[&SnapshotFile],
+    segments: &[Vec<Segment>],
+    out: &File,
+    layout: RawLayout,
+) -> Result<RestoreReport> {
+    let start = Instant::now();
+    if segments
+        .iter()
+        .flatten()
+        .any(|s| s.page_type == PageType::SameAsParent)
+    {
+        return Err(Error::NeedsParent);
+    }
+    layers.iter().try_for_each(|l| l.verify_data())?;
+    let verify_seconds = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    let regions = layers[0].layout();
+    let mut bases = Vec::with_capacity(regions.len());
+    let mut packed = 0u64;
+    for &(addr, size) in &regions {
+        bases.push(match layout {
+            RawLayout::GuestPhysical => addr,
+            RawLayout::Packed => packed,
+        });
+        packed += size;
+    }
+    let total = match layout {
+        RawLayout::GuestPhysical => regions.last().map_or(0, |&(a, s)| a + s),
+        RawLayout::Packed => packed,
+    };
+    out.set_len(0)
+        .and_then(|()| out.set_len(total))
+        .map_err(|e| Error::io("size raw memory file", e))?;
+    let mut buf = vec![0u8; (MAX_DATA_RUN_PAGES * PAGE_SIZE) as usize];
+    let mut data_pages = 0;
+    for (ri, segs) in segments.iter().enumerate() {
+        for s in segs {
+            let Some((layer, offset)) = s.source else {
+                continue;
+            };
+            let mut done = 0;
+            while done < s.pages {
+                let n = (s.pages - done).min(MAX_DATA_RUN_PAGES);
+                let bytes = &mut buf[..(n * PAGE_SIZE) as usize];
+                layers[layer]
+                    .file()
+                    .read_exact_at(bytes, offset + done * PAGE_SIZE)
+                    .map_err(|e| Error::read("reading snapshot data", e))?;
+                out.write_all_at(bytes, bases[ri] + (s.first_page + done) * PAGE_SIZE)
+                    .map_err(|e| Error::io("write raw memory file", e))?;
+                done += n;
+            }
+            data_pages += s.pages;
+        }
+    }
+    Ok(RestoreReport {
+        data_pages,
+        discarded_pages: 0,
+        verify_seconds,
+        restore_seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// Restores a stream directly into `mem`, writing each record as soon as its checksum
+/// verifies (no spool space, one pass).
+///
+/// Guarantee: the header and region table are validated before any write, and no unverified
+/// byte is ever written. A corrupt or truncated stream is detected at the first bad record:
+/// `Err` with nothing written if that happens before the first data write, otherwise
+/// `Err(PartialRestore)` — memory then holds a mix of old and restored pages and must be
+/// discarded. For all-or-nothing use [`restore_stream_staged`]. A diff stream is applied onto
+/// the memory's current content (`SameAsParent` pages left alone) unless `target_is_fresh`,
+/// which rejects it with `Err(NeedsParent)`.
+pub fn restore_stream<R, M, B>(input: R, mem: &M, options: EagerOptions) -> Result<RestoreReport>
+where
+    R: Read,
+    M: GuestMemory<R = GuestRegionMmap<B>>,
+    B: Bitmap + Sync,
+{
+    let start = Instant::now();
+    let mut reader = StreamReader::new(input)?;
+    if reader.header().parent.is_some() && options.target_is_fresh {
+        return Err(Error::NeedsParent);
+    }
+    let target = Target::new(mem, reader.layout())?;
+    let mut report = RestoreReport::default();
+    let mut touched = false;
+    loop {
+        let record = match reader.next_record() {
+            Ok(Some(r)) => r,
+            Ok(None) => break,
+            Err(e) if touched => {
+                return Err(Error::PartialRestore {
+                    data_pages_written: report.data_pages,
+                    source: Box::new(e),
+                })
+            }
+            Err(e) => return Err(e),
+        };
+        let r = match record.page_type {
+            PageType::Data => {
+                report.data_pages += record.pages;
+                target.copy_in(record.region, record.first_page, record.data)
+            }
+            PageType::SameAsParent => Ok(()),
+            _ if options.target_is_fresh => Ok(()),
+            _ => {
+                report.discarded_pages += record.pages;
+                target.discard(record.region, record.first_page, record.pages)
+            }
+        };
+        touched |= record.page_type != PageType::SameAsParent;
+        r?;
+    }
+    report.restore_seconds = start.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Restores a stream all-or-nothing: spools it into a snapshot file at `spool` (validated
+/// completely, see [`crate::stream_to_file`]), restores that file with [`restore_eager`] and
+/// removes it. `Err` leaves `mem` untouched. Costs spool disk space equal to the file size.
+pub fn restore_stream_staged<R, M, B>(
+    input: R,
+    mem: &M,
+    spool: &Path,
+    options: EagerOptions,
+) -> Result<RestoreReport>
+where
+    R: Read,
+    M: GuestMemory<R = GuestRegionMmap<B>>,
+    B: Bitmap + Sync,
+{
+    let start = Instant::now();
+    crate::format::convert::stream_to_file(input, spool, Default::default())?;
+    let result = SnapshotFile::open(spool).and_then(|s| restore_eager(&s, mem, options));
+    // The spool is ours; failing to remove it must not hide the restore's outcome.
+    let _ = std::fs::remove_file(spool);
+    let mut report = result?;
+    report.verify_seconds = start.elapsed().as_secs_f64() - report.restore_seconds;
+    Ok(report)
+}

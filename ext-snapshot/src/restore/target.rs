@@ -1,0 +1,143 @@
+//! Writing into guest memory regions: copying data in, making pages read as zero.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{GuestMemory, GuestMemoryRegion, GuestRegionMmap};
+
+use crate::error::{Error, Result};
+use crate::format::PAGE_SIZE;
+
+/// The regions of a restore target, checked against a snapshot layout.
+pub(crate) struct Target<'m, B: Bitmap> {
+    regions: Vec<&'m GuestRegionMmap<B>>,
+}
+
+impl<'m, B: Bitmap> Target<'m, B> {
+    /// `Err(RegionMismatch)` unless `mem` has exactly `layout`'s regions, `Err(UnsupportedMemory)`
+    /// if one is not writable.
+    pub(crate) fn new<M: GuestMemory<R = GuestRegionMmap<B>>>(
+        mem: &'m M,
+        layout: &[(u64, u64)],
+    ) -> Result<Self> {
+        let regions: Vec<&GuestRegionMmap<B>> = mem.iter().collect();
+        let have: Vec<(u64, u64)> = regions
+            .iter()
+            .map(|r| (r.start_addr().0, r.len()))
+            .collect();
+        if have != layout {
+            return Err(Error::RegionMismatch(format!(
+                "memory has regions {have:x?}, snapshot has {layout:x?}"
+            )));
+        }
+        if let Some(r) = regions.iter().find(|r| r.prot() & libc::PROT_WRITE == 0) {
+            return Err(Error::UnsupportedMemory(format!(
+                "region at {:#x} is not writable",
+                r.start_addr().0
+            )));
+        }
+        Ok(Target { regions })
+    }
+
+    /// Pointer to page `first_page` of region `ri` after checking that `pages` pages fit.
+    fn range(&self, ri: usize, first_page: u64, pages: u64) -> Result<(*mut u8, usize)> {
+        let r = self
+            .regions
+            .get(ri)
+            .ok_or_else(|| Error::Inconsistent(format!("no region {ri}")))?;
+        let end = first_page
+            .checked_add(pages)
+            .and_then(|p| p.checked_mul(PAGE_SIZE))
+            .filter(|&e| e <= r.len())
+            .ok_or_else(|| Error::Inconsistent(format!("pages past the end of region {ri}")))?;
+        let start = first_page * PAGE_SIZE;
+        // SAFETY: `start` is inside the mapping (checked above), so the offset pointer stays in
+        // the same allocation.
+        let ptr = unsafe { r.as_ptr().add(start as usize) };
+        Ok((ptr, (end - start) as usize))
+    }
+
+    /// Reads `pages` pages from `file` at `offset` straight into region `ri` at `first_page`.
+    pub(crate) fn read_from(
+        &self,
+        ri: usize,
+        first_page: u64,
+        pages: u64,
+        file: &File,
+        offset: u64,
+    ) -> Result<()> {
+        let (ptr, len) = self.range(ri, first_page, pages)?;
+        let mut done = 0usize;
+        while done < len {
+            let off = libc::off_t::try_from(offset + done as u64)
+                .map_err(|_| Error::Inconsistent("file offset too large".into()))?;
+            // SAFETY: `ptr + done .. ptr + len` lies inside a writable mapping of guest memory
+            // (checked by `range` and `new`); the kernel writes at most `len - done` bytes there.
+            // The guest is not running during a restore, so no Rust reference to these bytes
+            // exists.
+            let n = unsafe { libc::pread(file.as_raw_fd(), ptr.add(done).cast(), len - done, off) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(Error::io("reading snapshot data into guest memory", e));
+            }
+            if n == 0 {
+                return Err(Error::Truncated("snapshot data ends early".into()));
+            }
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    /// Copies `data` (whole pages) into region `ri` at `first_page`.
+    pub(crate) fn copy_in(&self, ri: usize, first_page: u64, data: &[u8]) -> Result<()> {
+        let (ptr, len) = self.range(ri, first_page, data.len() as u64 / PAGE_SIZE)?;
+        // SAFETY: the destination is `len` bytes of writable guest memory (checked by `range`
+        // and `new`), `data` has at least `len` bytes and lives in our own buffer, so the two
+        // do not overlap.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr, len) };
+        Ok(())
+    }
+
+    /// Makes `pages` pages of region `ri` at `first_page` read as zero, releasing their host
+    /// memory where the backing allows it.
+    pub(crate) fn discard(&self, ri: usize, first_page: u64, pages: u64) -> Result<()> {
+        let (ptr, len) = self.range(ri, first_page, pages)?;
+        let r = self.regions[ri];
+        let shared = r.flags() & libc::MAP_SHARED != 0;
+        match (r.file_offset(), shared) {
+            (None, false) => {
+                // SAFETY: the range is inside a private anonymous mapping we do not hold
+                // references into; MADV_DONTNEED on it drops the pages, which then read as zero.
+                let rc = unsafe { libc::madvise(ptr.cast(), len, libc::MADV_DONTNEED) };
+                if rc == 0 {
+                    return Ok(());
+                }
+            }
+            (Some(fo), true) => {
+                let off = fo.start() + first_page * PAGE_SIZE;
+                // SAFETY: fallocate on an open descriptor has no memory-safety effects; punching
+                // a hole in the shared file makes the mapped range read as zero.
+                let rc = unsafe {
+                    libc::fallocate(
+                        fo.file().as_raw_fd(),
+                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        off as libc::off_t,
+                        len as libc::off_t,
+                    )
+                };
+                if rc == 0 {
+                    return Ok(());
+                }
+            }
+            _ => {}
+        }
+        // SAFETY: the range is `len` bytes of writable guest memory (checked by `range` and
+        // `new`) with no Rust references into it.
+        unsafe { std::ptr::write_bytes(ptr, 0, len) };
+        Ok(())
+    }
+}
