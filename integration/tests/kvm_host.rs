@@ -1,0 +1,339 @@
+//! ext-vmm's vCPU setup and exit loop on this host's `/dev/kvm`, with tiny hand-built guests.
+//!
+//! Each guest is a few 32-bit instructions entered exactly like a PVH kernel (the same GDT,
+//! segment and register setup `ext-vmm` uses), run by the VMM's own exit loop against its own
+//! buses and devices. No in-kernel irqchip is created, so a guest `hlt` ends the run.
+//! Where `/dev/kvm` is missing every test prints a `SKIPPED:` line and returns.
+
+use std::io::{self, Write};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use integration::vmm::bus::{Bus, BusDevice};
+use integration::vmm::cpu;
+use integration::vmm::devices::legacy::AcpiPm;
+use integration::vmm::devices::serial::SerialDevice;
+use integration::vmm::devices::IrqTrigger;
+use integration::vmm::exit::{ExitEvent, ExitReason};
+use integration::vmm::memory::{create_guest_memory, register_memory};
+use integration::vmm::vcpu::{self, Vcpu, VcpuControl, VcpuCounters, VcpuStop};
+use integration::vmm::virtio::console::Console;
+use integration::vmm::virtio::mmio::{MmioTransport, MMIO_MAGIC_VALUE, MMIO_VERSION};
+use integration::vmm::virtio::VirtioInterrupt;
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+const CODE_START: u64 = 0x1000;
+const TEST_PORT: u16 = 0x500;
+const TEST_MMIO: u64 = 0xd000_0000;
+
+fn kvm_available(test: &str) -> bool {
+    if Path::new("/dev/kvm").exists() {
+        true
+    } else {
+        println!("SKIPPED: {test}: /dev/kvm not available");
+        false
+    }
+}
+
+/// Records every write and answers reads with a fixed pattern per offset.
+#[derive(Default)]
+struct Recorder {
+    writes: Vec<(u64, Vec<u8>)>,
+    reads: usize,
+}
+
+impl BusDevice for Recorder {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.reads += 1;
+        for (i, byte) in data.iter_mut().enumerate() {
+            *byte = 0x30 + offset as u8 + i as u8;
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.writes.push((offset, data.to_vec()));
+    }
+}
+
+/// A `Write` whose bytes the test can read back.
+#[derive(Clone, Default)]
+struct SharedBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl Write for SharedBuffer {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+struct TestGuest {
+    _vm: VmFd,
+    _memory: GuestMemoryMmap,
+    vcpu: Vcpu,
+    exit: Arc<ExitEvent>,
+}
+
+/// A one-vCPU VM whose boot vCPU starts at `code` in flat 32-bit protected mode.
+fn guest(code: &[u8], pio: Bus, mmio: Bus) -> TestGuest {
+    let kvm = Kvm::new().expect("open /dev/kvm");
+    let vm = kvm.create_vm().expect("KVM_CREATE_VM");
+    let memory = create_guest_memory(64 << 20, false).unwrap();
+    register_memory(&vm, &memory).unwrap();
+    memory.write_slice(code, GuestAddress(CODE_START)).unwrap();
+    let fd = vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
+    let cpuid = cpu::vcpu_cpuid(&kvm, 0, 1).unwrap();
+    fd.set_cpuid2(&cpuid).unwrap();
+    cpu::setup_msrs(&fd).unwrap();
+    cpu::setup_fpu(&fd).unwrap();
+    cpu::setup_pvh_registers(&fd, &memory, GuestAddress(CODE_START), GuestAddress(0x6000)).unwrap();
+    let exit = Arc::new(ExitEvent::new().unwrap());
+    let vcpu = Vcpu {
+        fd,
+        id: 0,
+        pio: Arc::new(pio),
+        mmio: Arc::new(mmio),
+        exit: exit.clone(),
+        counters: Arc::new(VcpuCounters::default()),
+    };
+    TestGuest {
+        _vm: vm,
+        _memory: memory,
+        vcpu,
+        exit,
+    }
+}
+
+fn run_to_halt(guest: &mut TestGuest) {
+    let control = VcpuControl::default();
+    assert_eq!(guest.vcpu.run(&control).unwrap(), VcpuStop::Halted);
+}
+
+// Encoders for the few 32-bit instructions the guests use.
+fn mov_dx(port: u16) -> Vec<u8> {
+    let [lo, hi] = port.to_le_bytes();
+    vec![0x66, 0xba, lo, hi]
+}
+fn mov_al(value: u8) -> Vec<u8> {
+    vec![0xb0, value]
+}
+fn mov_eax_from(addr: u32) -> Vec<u8> {
+    let mut v = vec![0xa1];
+    v.extend_from_slice(&addr.to_le_bytes());
+    v
+}
+fn mov_eax_to(addr: u32) -> Vec<u8> {
+    let mut v = vec![0xa3];
+    v.extend_from_slice(&addr.to_le_bytes());
+    v
+}
+const OUT_DX_AL: u8 = 0xee;
+const OUT_DX_EAX: u8 = 0xef;
+const IN_AL_DX: u8 = 0xec;
+const HLT: u8 = 0xf4;
+
+#[test]
+fn port_io_reaches_the_device_on_the_bus() {
+    if !kvm_available("port_io_reaches_the_device_on_the_bus") {
+        return;
+    }
+    let recorder = Arc::new(Mutex::new(Recorder::default()));
+    let mut pio = Bus::new();
+    pio.insert(recorder.clone(), u64::from(TEST_PORT), 4)
+        .unwrap();
+    // out 0x500, 0x42; in al, 0x500; out 0x501, al; hlt
+    let mut code = mov_al(0x42);
+    code.extend(mov_dx(TEST_PORT));
+    code.push(OUT_DX_AL);
+    code.push(IN_AL_DX);
+    code.extend(mov_dx(TEST_PORT + 1));
+    code.push(OUT_DX_AL);
+    code.push(HLT);
+    let mut guest = guest(&code, pio, Bus::new());
+    run_to_halt(&mut guest);
+    let recorder = recorder.lock().unwrap();
+    // The value read at offset 0 (0x30) came back through the guest's register.
+    assert_eq!(recorder.writes, vec![(0, vec![0x42]), (1, vec![0x30])]);
+    assert_eq!(recorder.reads, 1);
+    assert_eq!(guest.vcpu.counters.io_out.load(Ordering::Relaxed), 2);
+    assert_eq!(guest.vcpu.counters.io_in.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn mmio_reaches_the_device_on_the_bus() {
+    if !kvm_available("mmio_reaches_the_device_on_the_bus") {
+        return;
+    }
+    let recorder = Arc::new(Mutex::new(Recorder::default()));
+    let mut mmio = Bus::new();
+    mmio.insert(recorder.clone(), TEST_MMIO, 0x1000).unwrap();
+    // mov eax, [base+0x10]; mov [base+0x20], eax; hlt
+    let mut code = mov_eax_from(TEST_MMIO as u32 + 0x10);
+    code.extend(mov_eax_to(TEST_MMIO as u32 + 0x20));
+    code.push(HLT);
+    let mut guest = guest(&code, Bus::new(), mmio);
+    run_to_halt(&mut guest);
+    let recorder = recorder.lock().unwrap();
+    assert_eq!(recorder.writes, vec![(0x20, vec![0x40, 0x41, 0x42, 0x43])]);
+    assert_eq!(guest.vcpu.counters.mmio_read.load(Ordering::Relaxed), 1);
+    assert_eq!(guest.vcpu.counters.mmio_write.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn guest_output_on_com1_comes_out_of_the_serial_device() {
+    if !kvm_available("guest_output_on_com1_comes_out_of_the_serial_device") {
+        return;
+    }
+    let output = SharedBuffer::default();
+    let irq = IrqTrigger(EventFd::new(0).unwrap());
+    let serial = Arc::new(Mutex::new(SerialDevice::new(irq, Box::new(output.clone()))));
+    let mut pio = Bus::new();
+    pio.insert(serial.clone(), 0x3f8, 8).unwrap();
+    let mut code = mov_dx(0x3f8);
+    for byte in b"ext-vmm\n" {
+        code.extend(mov_al(*byte));
+        code.push(OUT_DX_AL);
+    }
+    code.push(HLT);
+    let mut guest = guest(&code, pio, Bus::new());
+    run_to_halt(&mut guest);
+    assert_eq!(output.0.lock().unwrap().as_slice(), b"ext-vmm\n");
+    let counters = serial.lock().unwrap().counters();
+    assert_eq!(counters.tx_bytes.load(Ordering::Relaxed), 8);
+}
+
+#[test]
+fn guest_reads_virtio_mmio_identity_registers() {
+    if !kvm_available("guest_reads_virtio_mmio_identity_registers") {
+        return;
+    }
+    let memory_for_device = create_guest_memory(64 << 20, false).unwrap();
+    let interrupt = Arc::new(VirtioInterrupt::new(EventFd::new(0).unwrap()));
+    let console = Console::new(Box::new(io::sink()));
+    let transport = Arc::new(Mutex::new(MmioTransport::new(
+        Box::new(console),
+        memory_for_device,
+        interrupt,
+    )));
+    let mut mmio = Bus::new();
+    mmio.insert(transport, TEST_MMIO, 0x1000).unwrap();
+    let recorder = Arc::new(Mutex::new(Recorder::default()));
+    let mut pio = Bus::new();
+    pio.insert(recorder.clone(), u64::from(TEST_PORT), 4)
+        .unwrap();
+    // For each of magic, version, device id: mov eax, [reg]; out 0x500, eax.
+    let mut code = mov_dx(TEST_PORT);
+    for reg in [0x0u32, 0x4, 0x8] {
+        code.extend(mov_eax_from(TEST_MMIO as u32 + reg));
+        code.push(OUT_DX_EAX);
+    }
+    code.push(HLT);
+    let mut guest = guest(&code, pio, mmio);
+    run_to_halt(&mut guest);
+    let values: Vec<u32> = recorder
+        .lock()
+        .unwrap()
+        .writes
+        .iter()
+        .map(|(_, bytes)| u32::from_le_bytes(bytes.as_slice().try_into().unwrap()))
+        .collect();
+    assert_eq!(values, vec![MMIO_MAGIC_VALUE, MMIO_VERSION, 3]);
+}
+
+#[test]
+fn acpi_sleep_register_s5_requests_power_off() {
+    if !kvm_available("acpi_sleep_register_s5_requests_power_off") {
+        return;
+    }
+    let exit = Arc::new(ExitEvent::new().unwrap());
+    let mut pio = Bus::new();
+    pio.insert(Arc::new(Mutex::new(AcpiPm::new(exit.clone()))), 0x3c0, 3)
+        .unwrap();
+    // SLP_TYP = 5, SLP_EN: 0x34 to the sleep control register.
+    let mut code = mov_dx(0x3c0);
+    code.extend(mov_al(0x34));
+    code.push(OUT_DX_AL);
+    code.push(HLT);
+    let mut guest = guest(&code, pio, Bus::new());
+    run_to_halt(&mut guest);
+    assert_eq!(exit.reason(), Some(ExitReason::PowerOff));
+    assert_eq!(guest.exit.reason(), None);
+}
+
+/// Counts port writes; shared with the test thread while the vCPU runs on its own thread.
+struct Counter(Arc<AtomicU64>);
+
+impl BusDevice for Counter {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write(&mut self, _offset: u64, _data: &[u8]) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+fn wait_for(mut condition: impl FnMut() -> bool) -> bool {
+    // A generous bound only so a broken build fails instead of hanging; no speed is asserted.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
+#[test]
+fn pause_parks_a_busy_vcpu_and_resume_restarts_it() {
+    if !kvm_available("pause_parks_a_busy_vcpu_and_resume_restarts_it") {
+        return;
+    }
+    vcpu::register_kick_handler().unwrap();
+    let count = Arc::new(AtomicU64::new(0));
+    let mut pio = Bus::new();
+    pio.insert(
+        Arc::new(Mutex::new(Counter(count.clone()))),
+        u64::from(TEST_PORT),
+        1,
+    )
+    .unwrap();
+    // loop: out 0x500, al; jmp loop
+    let mut code = mov_dx(TEST_PORT);
+    code.push(OUT_DX_AL);
+    code.extend([0xeb, 0xfd]);
+    let guest = guest(&code, pio, Bus::new());
+    let TestGuest {
+        _vm, _memory, vcpu, ..
+    } = guest;
+    let control = Arc::new(VcpuControl::default());
+    let handle = vcpu::spawn_vcpu(vcpu, control.clone()).unwrap();
+    let handles = vec![handle];
+    assert!(
+        wait_for(|| count.load(Ordering::SeqCst) > 10),
+        "guest never ran"
+    );
+
+    vcpu::pause_all(&control, &handles);
+    let paused_at = count.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(count.load(Ordering::SeqCst), paused_at, "a paused vCPU ran");
+
+    vcpu::resume_all(&control);
+    assert!(wait_for(|| count.load(Ordering::SeqCst) > paused_at + 10));
+
+    vcpu::stop_all(&control, handles);
+    let stopped_at = count.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        count.load(Ordering::SeqCst),
+        stopped_at,
+        "a stopped vCPU ran"
+    );
+}
