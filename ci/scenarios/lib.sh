@@ -10,6 +10,8 @@ _ext_background_pids=""
 
 # Stops every background process a helper started (VMMs, console followers).
 cleanup_background() {
+    # busybox tail -f looks for new data once a second: let followers show the last lines.
+    [ -z "${_ext_followers:-}" ] || sleep 1.2
     for pid in $_ext_background_pids; do
         kill -KILL "$pid" 2>/dev/null
     done
@@ -49,8 +51,9 @@ metric() {
 # Shows a console log live on L1's console, each line prefixed, until cleanup_background.
 follow_log() {
     # $1: file, $2: prefix
-    tail -n +1 -f "$1" 2>/dev/null | sed -u "s/^/$2| /" &
+    tail -n +1 -f "$1" 2>/dev/null | awk -v prefix="$2| " '{ sub(/\r$/, ""); print prefix $0; fflush() }' &
     _ext_background_pids="$_ext_background_pids $!"
+    _ext_followers=1
 }
 
 # Starts `<program> <args...>` in the background under a hard time limit, stdout and stderr
