@@ -1,0 +1,188 @@
+//! The writers our snapshot writer is measured against.
+//!
+//! * [`dense_dump`]: every byte of guest memory, region after region — what Cloud Hypervisor
+//!   writes to `memory-ranges` for anonymous memory (`shared=off`) and what Firecracker writes
+//!   for a full snapshot.
+//! * [`holes_only_copy`]: Cloud Hypervisor's `shared=on` path — walk the memfd behind each
+//!   region with `SEEK_DATA`/`SEEK_HOLE`, copy the data extents to the same offsets of a
+//!   pre-sized file and leave the holes; regions without a backing file are copied densely.
+//! * [`write_bytes_alone`]: the floor — the time to write a given number of bytes from a
+//!   buffer, used for the "create time ≤ 1.2 × writing the data alone" target.
+//!
+//! They exist to be measured side by side with the real writer in one run (`ext-snapshot
+//! bench`, the criterion benches); they are written the way those VMMs write, with no tricks
+//! either way.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::Instant;
+
+use vm_memory::{GuestMemory, GuestMemoryRegion, MemoryRegionAddress};
+
+use crate::cloud_hypervisor::memory_ranges::data_extents;
+use crate::error::{Error, Result};
+
+/// What a baseline writer did.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct BaselineReport {
+    /// Wall-clock seconds, including the fsync when one was asked for.
+    pub seconds: f64,
+    /// Bytes of guest memory copied into the file.
+    pub bytes_written: u64,
+    /// Apparent length of the file.
+    pub file_len: u64,
+    /// Bytes the filesystem allocated for the file (`st_blocks` × 512).
+    pub allocated: u64,
+}
+
+fn create(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|e| Error::io(format!("creating {}", path.display()), e))
+}
+
+fn finish(
+    file: File,
+    path: &Path,
+    fsync: bool,
+    start: Instant,
+    written: u64,
+) -> Result<BaselineReport> {
+    if fsync {
+        file.sync_all()
+            .map_err(|e| Error::io(format!("fsync of {}", path.display()), e))?;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let metadata = file
+        .metadata()
+        .map_err(|e| Error::io(format!("stat of {}", path.display()), e))?;
+    Ok(BaselineReport {
+        seconds,
+        bytes_written: written,
+        file_len: metadata.len(),
+        allocated: metadata.blocks() * 512,
+    })
+}
+
+fn copy_dense<R: GuestMemoryRegion>(
+    region: &R,
+    offset: u64,
+    length: u64,
+    file_offset: u64,
+    file: &mut File,
+) -> Result<()> {
+    file.seek(SeekFrom::Start(file_offset))
+        .map_err(|e| Error::io("seeking the baseline file", e))?;
+    let slice = region
+        .get_slice(MemoryRegionAddress(offset), length as usize)
+        .map_err(|e| Error::UnsupportedMemory(e.to_string()))?;
+    let mut done = 0usize;
+    while done < slice.len() {
+        let rest = slice
+            .offset(done)
+            .map_err(|e| Error::UnsupportedMemory(e.to_string()))?;
+        let count = vm_memory::WriteVolatile::write_volatile(file, &rest)
+            .map_err(|e| Error::UnsupportedMemory(e.to_string()))?;
+        if count == 0 {
+            return Err(Error::io(
+                "writing the baseline file",
+                std::io::Error::from(std::io::ErrorKind::WriteZero),
+            ));
+        }
+        done += count;
+    }
+    Ok(())
+}
+
+/// Writes every byte of every region of `memory` to `path`, regions back to back.
+///
+/// Reading a never-populated page of a memfd through its mapping allocates it, so measure this
+/// after the writers that must see the memory unpopulated.
+pub fn dense_dump<M: GuestMemory>(memory: &M, path: &Path, fsync: bool) -> Result<BaselineReport> {
+    let start = Instant::now();
+    let mut file = create(path)?;
+    let mut base = 0u64;
+    for region in memory.iter() {
+        copy_in_slices(region, 0, region.len(), base, &mut file)?;
+        base += region.len();
+    }
+    finish(file, path, fsync, start, base)
+}
+
+/// Copies `[offset, offset + length)` of `region` to `file_base + offset` in 64 MiB slices, so
+/// a slice length always fits `usize` and the kernel sees large sequential writes.
+fn copy_in_slices<R: GuestMemoryRegion>(
+    region: &R,
+    offset: u64,
+    length: u64,
+    file_base: u64,
+    file: &mut File,
+) -> Result<()> {
+    const SLICE: u64 = 64 << 20;
+    let mut done = 0u64;
+    while done < length {
+        let count = SLICE.min(length - done);
+        copy_dense(
+            region,
+            offset + done,
+            count,
+            file_base + offset + done,
+            file,
+        )?;
+        done += count;
+    }
+    Ok(())
+}
+
+/// Copies only the host-populated extents of memfd-backed regions (dense for the others) into
+/// a file as long as the dense dump, at the same offsets, leaving holes elsewhere.
+pub fn holes_only_copy<M: GuestMemory>(
+    memory: &M,
+    path: &Path,
+    fsync: bool,
+) -> Result<BaselineReport> {
+    let start = Instant::now();
+    let mut file = create(path)?;
+    let total: u64 = memory.iter().map(|r| r.len()).sum();
+    file.set_len(total)
+        .map_err(|e| Error::io("sizing the holes-only copy", e))?;
+    let mut base = 0u64;
+    let mut written = 0u64;
+    for region in memory.iter() {
+        let extents = match region.file_offset() {
+            Some(backing) => data_extents(backing.file(), backing.start(), region.len())
+                .map_err(|e| Error::UnsupportedMemory(e.to_string()))?
+                .into_iter()
+                .map(|(offset, length)| (offset - backing.start(), length))
+                .collect(),
+            None => vec![(0, region.len())],
+        };
+        for (offset, length) in extents {
+            copy_in_slices(region, offset, length, base, &mut file)?;
+            written += length;
+        }
+        base += region.len();
+    }
+    finish(file, path, fsync, start, written)
+}
+
+/// Writes `bytes` bytes to `path` from an in-memory buffer, sequentially: the cost of writing
+/// the data alone, without reading or typing guest memory.
+pub fn write_bytes_alone(bytes: u64, path: &Path, fsync: bool) -> Result<BaselineReport> {
+    let buffer: Vec<u8> = (0..(1usize << 20)).map(|i| (i * 131 + 7) as u8).collect();
+    let start = Instant::now();
+    let mut file = create(path)?;
+    let mut done = 0u64;
+    while done < bytes {
+        let count = (bytes - done).min(buffer.len() as u64) as usize;
+        file.write_all(&buffer[..count])
+            .map_err(|e| Error::io("writing the data-only file", e))?;
+        done += count as u64;
+    }
+    finish(file, path, fsync, start, done)
+}

@@ -1,0 +1,422 @@
+//! `ext-snapshot bench`: our writer and restorers against the baselines, side by side.
+//!
+//! For each scenario of issue 3 item 8 the same memfd-backed memory is written by our writer,
+//! by a holes-only sparse copy (Cloud Hypervisor `shared=on`) and by a dense dump (Cloud
+//! Hypervisor `shared=off`, Firecracker), and the time to write just the data bytes is
+//! measured as the floor. Then the snapshot is restored eagerly, mapped and lazily. The
+//! result is a [`BenchResult`] that [`BenchResult::render`] prints as a table with the targets.
+//! All files go to a caller-chosen directory and are deleted as soon as they are measured.
+
+pub mod baseline;
+pub mod workload;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use vm_memory::{GuestMemory, GuestMemoryRegion};
+
+use crate::error::{Error, Result};
+use crate::reader::SnapshotFile;
+use crate::restore::lazy::restore_lazy;
+use crate::restore::mapped::{restore_mapped, MappedOptions};
+use crate::restore::{fresh_memory, restore_eager, EagerOptions};
+use crate::writer::{is_zero_page, SnapshotWriter, WriteOptions};
+use baseline::{dense_dump, holes_only_copy, write_bytes_alone, BaselineReport};
+use workload::{fill, memfd_memory, Contents, Scenario};
+
+const GIB: u64 = 1 << 30;
+
+/// Options of a benchmark run.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// Multiplies every memory size (1.0: 4 GiB, 4 GiB and 1 GiB).
+    pub scale: f64,
+    /// Directory for the files written (deleted afterwards).
+    pub dir: PathBuf,
+    /// `fsync` every output, ours and the baselines alike.
+    pub fsync: bool,
+    /// Threads of our writer.
+    pub threads: usize,
+}
+
+/// One scenario's measurements.
+#[derive(Clone, Debug)]
+pub struct ScenarioResult {
+    /// Name shown in the table.
+    pub name: String,
+    /// Guest memory size in bytes.
+    pub memory_bytes: u64,
+    /// What the memory held.
+    pub contents: Contents,
+    /// Our writer: seconds (wall clock around `write_file`) and file length.
+    pub ours_seconds: f64,
+    /// Length of our snapshot file.
+    pub ours_file_len: u64,
+    /// Bytes our snapshot stores as data.
+    pub ours_data_bytes: u64,
+    /// The holes-only sparse copy.
+    pub holes_only: BaselineReport,
+    /// The dense dump.
+    pub dense: BaselineReport,
+    /// Writing `ours_data_bytes` from a buffer.
+    pub data_alone: BaselineReport,
+    /// Eager restore into fresh memory: validation + copy seconds.
+    pub eager_seconds: f64,
+    /// Of which copying data.
+    pub eager_copy_seconds: f64,
+    /// Mapped restore setup, structure checks only.
+    pub mapped_setup_seconds: f64,
+    /// Mapped restore setup with every data checksum verified first.
+    pub mapped_verified_seconds: f64,
+    /// Lazy restore setup.
+    pub lazy_setup_seconds: f64,
+}
+
+/// The whole run.
+#[derive(Clone, Debug)]
+pub struct BenchResult {
+    /// The options used.
+    pub scale: f64,
+    /// Whether outputs were fsynced.
+    pub fsync: bool,
+    /// Zero check throughput on one thread, bytes per second.
+    pub zero_check_bytes_per_second: f64,
+    /// Per scenario.
+    pub scenarios: Vec<ScenarioResult>,
+}
+
+fn scaled(bytes: u64, scale: f64) -> u64 {
+    let pages = ((bytes as f64 * scale) / 4096.0).round().max(256.0) as u64;
+    pages * 4096
+}
+
+/// Runs every scenario and the zero-check measurement. `progress` receives a line per step.
+pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchResult> {
+    std::fs::create_dir_all(&options.dir)
+        .map_err(|e| Error::io(format!("creating {}", options.dir.display()), e))?;
+    progress("zero check");
+    let zero_check_bytes_per_second = zero_check_speed(scaled(GIB, options.scale.min(1.0)));
+    let scenarios = [
+        (
+            "4 GiB never-populated + 5% data",
+            4 * GIB,
+            Scenario::SparseData { percent: 5 },
+        ),
+        (
+            "4 GiB populated, 50% zero pages",
+            4 * GIB,
+            Scenario::PopulatedZeros { zero_percent: 50 },
+        ),
+        ("1 GiB fully random", GIB, Scenario::Random),
+    ];
+    let mut results = Vec::new();
+    for (index, (name, size, scenario)) in scenarios.into_iter().enumerate() {
+        let size = scaled(size, options.scale);
+        progress(&format!("{name} ({} MiB)", size >> 20));
+        results.push(run_scenario(
+            options,
+            name,
+            size,
+            scenario,
+            index as u64 + 1,
+        )?);
+    }
+    Ok(BenchResult {
+        scale: options.scale,
+        fsync: options.fsync,
+        zero_check_bytes_per_second,
+        scenarios: results,
+    })
+}
+
+/// Bytes per second of [`is_zero_page`] over `bytes` of populated zero memory, one thread.
+pub fn zero_check_speed(bytes: u64) -> f64 {
+    let mut buffer = vec![1u8; bytes as usize];
+    buffer.fill(0);
+    let start = Instant::now();
+    let zero_pages = buffer
+        .chunks_exact(4096)
+        .filter(|page| is_zero_page(std::hint::black_box(page)))
+        .count();
+    let seconds = start.elapsed().as_secs_f64();
+    std::hint::black_box(zero_pages);
+    bytes as f64 / seconds
+}
+
+/// Removes a file when dropped, so a failed step leaves nothing behind.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn run_scenario(
+    options: &BenchOptions,
+    name: &str,
+    size: u64,
+    scenario: Scenario,
+    seed: u64,
+) -> Result<ScenarioResult> {
+    let memory = memfd_memory(size)?;
+    let contents = fill(&memory, size, scenario, seed)?;
+    let dir = &options.dir;
+    let ours = Scratch(dir.join("bench-ours.snap"));
+    let write_options = WriteOptions {
+        fsync: options.fsync,
+        threads: options.threads.max(1),
+    };
+    let start = Instant::now();
+    let report = SnapshotWriter::new(write_options).write_file(&memory, &ours.0)?;
+    let ours_seconds = start.elapsed().as_secs_f64();
+    let ours_data_bytes = report.bytes(crate::page_type::PageType::Data);
+
+    let holes_only = measured(dir, "bench-holes.raw", |p| {
+        holes_only_copy(&memory, p, options.fsync)
+    })?;
+    let data_alone = measured(dir, "bench-alone.raw", |p| {
+        write_bytes_alone(ours_data_bytes, p, options.fsync)
+    })?;
+    // Last: reading never-populated memfd pages through the mapping allocates them.
+    let dense = measured(dir, "bench-dense.raw", |p| {
+        dense_dump(&memory, p, options.fsync)
+    })?;
+    drop(memory);
+
+    let (eager_seconds, eager_copy_seconds) = eager(&ours.0)?;
+    let mapped_setup_seconds = mapped(&ours.0, false)?;
+    let mapped_verified_seconds = mapped(&ours.0, true)?;
+    let lazy_setup_seconds = lazy(&ours.0)?;
+    Ok(ScenarioResult {
+        name: name.to_string(),
+        memory_bytes: size,
+        contents,
+        ours_seconds,
+        ours_file_len: report.output_bytes,
+        ours_data_bytes,
+        holes_only,
+        dense,
+        data_alone,
+        eager_seconds,
+        eager_copy_seconds,
+        mapped_setup_seconds,
+        mapped_verified_seconds,
+        lazy_setup_seconds,
+    })
+}
+
+fn measured(
+    dir: &Path,
+    name: &str,
+    write: impl FnOnce(&Path) -> Result<BaselineReport>,
+) -> Result<BaselineReport> {
+    let scratch = Scratch(dir.join(name));
+    write(&scratch.0)
+}
+
+fn eager(path: &Path) -> Result<(f64, f64)> {
+    let start = Instant::now();
+    let snapshot = SnapshotFile::open(path)?;
+    let memory = fresh_memory(&snapshot.layout())?;
+    let report = restore_eager(&snapshot, &memory, EagerOptions::default())?;
+    Ok((start.elapsed().as_secs_f64(), report.restore_seconds))
+}
+
+fn mapped(path: &Path, verify_data: bool) -> Result<f64> {
+    let start = Instant::now();
+    let (memory, _) = restore_mapped(path, MappedOptions { verify_data })?;
+    let seconds = start.elapsed().as_secs_f64();
+    drop(memory);
+    Ok(seconds)
+}
+
+fn lazy(path: &Path) -> Result<f64> {
+    let start = Instant::now();
+    let restore = restore_lazy(path)?;
+    let seconds = start.elapsed().as_secs_f64();
+    // Touch one page so the handler is exercised, then shut it down.
+    let first = restore
+        .memory()
+        .iter()
+        .next()
+        .map(|region| region.start_addr())
+        .ok_or_else(|| Error::UnsupportedMemory("no regions".into()))?;
+    let mut byte = [0u8; 1];
+    vm_memory::Bytes::read_slice(restore.memory(), &mut byte, first)
+        .map_err(|e| Error::UnsupportedMemory(e.to_string()))?;
+    restore.finish()?;
+    Ok(seconds)
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
+}
+
+fn ms(seconds: f64) -> f64 {
+    seconds * 1000.0
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met {
+        "MET"
+    } else {
+        "NOT MET"
+    }
+}
+
+impl BenchResult {
+    /// The table, the ratios against the baselines and the issue's targets.
+    pub fn render(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "ext-snapshot bench (scale {}, fsync {}; memfd-backed memory; one run, same memory for every writer)",
+            self.scale, self.fsync
+        );
+        let _ = writeln!(
+            out,
+            "\n{:<34} {:>9} {:>9} | {:>10} {:>10} | {:>10} {:>10} | {:>10} {:>10} | {:>10}",
+            "scenario",
+            "memory",
+            "data",
+            "ours ms",
+            "ours MiB",
+            "holes ms",
+            "holes MiB",
+            "dense ms",
+            "dense MiB",
+            "data-only ms"
+        );
+        for s in &self.scenarios {
+            let _ = writeln!(
+                out,
+                "{:<34} {:>8.0}M {:>8.0}M | {:>10.1} {:>10.1} | {:>10.1} {:>10.1} | {:>10.1} {:>10.1} | {:>10.1}",
+                s.name,
+                mib(s.memory_bytes),
+                mib(s.ours_data_bytes),
+                ms(s.ours_seconds),
+                mib(s.ours_file_len),
+                ms(s.holes_only.seconds),
+                mib(s.holes_only.allocated),
+                ms(s.dense.seconds),
+                mib(s.dense.allocated),
+                ms(s.data_alone.seconds),
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\n(file sizes: ours = file length; baselines = allocated blocks)"
+        );
+        let _ = writeln!(
+            out,
+            "\n{:<34} {:>12} {:>12} {:>12} {:>12} {:>14}",
+            "ratios", "size/holes", "size/dense", "time/holes", "time/dense", "time/data-only"
+        );
+        for s in &self.scenarios {
+            let _ = writeln!(
+                out,
+                "{:<34} {:>12.3} {:>12.3} {:>12.2} {:>12.2} {:>14.2}",
+                s.name,
+                s.ours_file_len as f64 / s.holes_only.allocated.max(1) as f64,
+                s.ours_file_len as f64 / s.dense.allocated.max(1) as f64,
+                s.ours_seconds / s.holes_only.seconds,
+                s.ours_seconds / s.dense.seconds,
+                s.ours_seconds / s.data_alone.seconds,
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\n{:<34} {:>10} {:>10} {:>10} {:>12} {:>12} {:>10}",
+            "restore", "eager ms", "copy ms", "GB/s data", "mapped ms", "mapped+crc", "lazy ms"
+        );
+        for s in &self.scenarios {
+            let _ = writeln!(
+                out,
+                "{:<34} {:>10.1} {:>10.1} {:>10.2} {:>12.2} {:>12.1} {:>10.2}",
+                s.name,
+                ms(s.eager_seconds),
+                ms(s.eager_copy_seconds),
+                s.ours_data_bytes as f64 / s.eager_seconds / 1e9,
+                ms(s.mapped_setup_seconds),
+                ms(s.mapped_verified_seconds),
+                ms(s.lazy_setup_seconds),
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\nzero check: {:.1} GB/s on one thread",
+            self.zero_check_bytes_per_second / 1e9
+        );
+        out.push_str(&self.render_targets());
+        out
+    }
+
+    /// Whether each target of issue 3 item 8 is met, one line each.
+    pub fn render_targets(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::from("\ntargets (issue 3, item 8):\n");
+        for s in &self.scenarios {
+            let limit = s.ours_data_bytes as f64 * 1.01
+                + 65536.0 * (s.memory_bytes as f64 / GIB as f64).max(1.0);
+            let _ = writeln!(
+                out,
+                "  size <= data x 1.01 + 64 KiB/GiB [{}]: {:.1} MiB <= {:.1} MiB: {}",
+                s.name,
+                mib(s.ours_file_len),
+                limit / (1u64 << 20) as f64,
+                verdict(s.ours_file_len as f64 <= limit)
+            );
+        }
+        for s in &self.scenarios {
+            let ratio = s.ours_seconds / s.data_alone.seconds;
+            let _ = writeln!(
+                out,
+                "  create <= 1.2 x writing data alone [{}]: {ratio:.2}x: {}",
+                s.name,
+                verdict(ratio <= 1.2)
+            );
+        }
+        let gbps = self.zero_check_bytes_per_second / 1e9;
+        let _ = writeln!(
+            out,
+            "  zero check >= 10 GB/s per core: {gbps:.1} GB/s: {}",
+            verdict(gbps >= 10.0)
+        );
+        let rates: Vec<f64> = self
+            .scenarios
+            .iter()
+            .map(|s| s.ours_data_bytes as f64 / s.eager_seconds)
+            .collect();
+        let (low, high) = rates
+            .iter()
+            .fold((f64::MAX, 0.0f64), |(l, h), &r| (l.min(r), h.max(r)));
+        let _ = writeln!(
+            out,
+            "  eager restore proportional to data bytes (data GB/s within 2x across scenarios): \
+             {:.2}..{:.2} GB/s: {}",
+            low / 1e9,
+            high / 1e9,
+            verdict(high <= 2.0 * low)
+        );
+        for s in &self.scenarios {
+            let worst = s.mapped_setup_seconds.max(s.lazy_setup_seconds);
+            let _ = writeln!(
+                out,
+                "  mapped and lazy setup < 5 ms [{}, {:.0} MiB]: mapped {:.2} ms, lazy {:.2} ms: {}",
+                s.name,
+                mib(s.memory_bytes),
+                ms(s.mapped_setup_seconds),
+                ms(s.lazy_setup_seconds),
+                verdict(worst < 0.005)
+            );
+        }
+        if self.scale != 1.0 {
+            out.push_str(
+                "  (scaled run: sizes are not the issue's; rerun with --scale 1 for the record)\n",
+            );
+        }
+        out
+    }
+}

@@ -1,0 +1,346 @@
+//! Lazy (userfaultfd) restore on real memory: bit-identical content, no population of pages
+//! the guest did not touch, discarded pages read back as zero, corrupt extents fail without
+//! hanging the faulting thread, and the handler stops when the memory is dropped.
+
+use std::os::unix::fs::FileExt;
+
+use ext_snapshot::restore::lazy::restore_lazy;
+use ext_snapshot::restore::mapped::MIN_MAPPED_PAGES;
+use ext_snapshot::{Error, RegionBitmaps, SnapshotFile, SnapshotWriter, WriteOptions, PAGE_SIZE};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
+
+const REGIONS: [(u64, u64); 2] = [(0, 384 * PAGE_SIZE), (64 << 20, 160 * PAGE_SIZE)];
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Kind {
+    Data,
+    Hole,
+    Zero,
+    Invalid,
+}
+
+struct Fixture {
+    memory: GuestMemoryMmap,
+    kinds: Vec<Vec<Kind>>,
+    invalid: Vec<Vec<u64>>,
+    expected: Vec<Vec<u8>>,
+}
+
+/// Deterministic segments of every kind, with data runs both shorter and longer than
+/// `MIN_MAPPED_PAGES`, so both the mapping and the copying path run.
+fn fixture(seed: u64) -> Fixture {
+    let ranges: Vec<(GuestAddress, usize)> = REGIONS
+        .iter()
+        .map(|&(a, s)| (GuestAddress(a), s as usize))
+        .collect();
+    let memory = GuestMemoryMmap::from_ranges(&ranges).unwrap();
+    let mut state = seed | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut kinds = Vec::new();
+    let mut invalid = Vec::new();
+    let mut expected = Vec::new();
+    for &(addr, size) in &REGIONS {
+        let pages = size / PAGE_SIZE;
+        let mut region_kinds = Vec::new();
+        while (region_kinds.len() as u64) < pages {
+            let kind = [
+                Kind::Data,
+                Kind::Hole,
+                Kind::Zero,
+                Kind::Invalid,
+                Kind::Data,
+            ][(next() % 5) as usize];
+            let length = if next() % 3 == 0 {
+                MIN_MAPPED_PAGES * 2 + next() % 20
+            } else {
+                1 + next() % 6
+            };
+            for _ in 0..length.min(pages - region_kinds.len() as u64) {
+                region_kinds.push(kind);
+            }
+        }
+        let mut bits = vec![0u64; pages.div_ceil(64) as usize];
+        let mut region_expected = vec![0u8; size as usize];
+        for (page, kind) in region_kinds.iter().enumerate() {
+            let gpa = GuestAddress(addr + page as u64 * PAGE_SIZE);
+            let mut bytes = vec![0u8; PAGE_SIZE as usize];
+            for chunk in bytes.chunks_mut(8) {
+                chunk.copy_from_slice(&next().to_le_bytes());
+            }
+            match kind {
+                Kind::Data => {
+                    memory.write_slice(&bytes, gpa).unwrap();
+                    let at = page * PAGE_SIZE as usize;
+                    region_expected[at..at + PAGE_SIZE as usize].copy_from_slice(&bytes);
+                }
+                Kind::Zero => memory.write_slice(&[0u8; PAGE_SIZE as usize], gpa).unwrap(),
+                Kind::Invalid => {
+                    // Content the guest declared unused: must not survive the snapshot.
+                    memory.write_slice(&bytes, gpa).unwrap();
+                    bits[page / 64] |= 1 << (page % 64);
+                }
+                Kind::Hole => {}
+            }
+        }
+        kinds.push(region_kinds);
+        invalid.push(bits);
+        expected.push(region_expected);
+    }
+    Fixture {
+        memory,
+        kinds,
+        invalid,
+        expected,
+    }
+}
+
+fn snapshot(fixture: &Fixture, path: &std::path::Path) {
+    let invalid = RegionBitmaps::new(fixture.invalid.iter().map(|b| b.as_slice()).collect());
+    SnapshotWriter::new(WriteOptions::default())
+        .invalid_pages(&invalid)
+        .write_file(&fixture.memory, path)
+        .unwrap();
+}
+
+fn assert_identical(memory: &GuestMemoryMmap, fixture: &Fixture) {
+    for (index, &(addr, size)) in REGIONS.iter().enumerate() {
+        let mut actual = vec![0u8; size as usize];
+        memory.read_slice(&mut actual, GuestAddress(addr)).unwrap();
+        for page in 0..(size / PAGE_SIZE) as usize {
+            let range = page * PAGE_SIZE as usize..(page + 1) * PAGE_SIZE as usize;
+            assert!(
+                actual[range.clone()] == fixture.expected[index][range],
+                "region {index} page {page} ({:?}) differs",
+                fixture.kinds[index][page]
+            );
+        }
+    }
+}
+
+fn present(address: u64) -> bool {
+    let pagemap = std::fs::File::open("/proc/self/pagemap").unwrap();
+    let mut entry = [0u8; 8];
+    pagemap
+        .read_exact_at(&mut entry, address / PAGE_SIZE * 8)
+        .unwrap();
+    u64::from_le_bytes(entry) & (1 << 63) != 0
+}
+
+/// userfaultfd needs the syscall (and, for unprivileged users, vm.unprivileged_userfaultfd).
+fn userfaultfd_available(test: &str) -> bool {
+    let builder = userfaultfd::UffdBuilder::new().close_on_exec(true).create();
+    if builder.is_err() {
+        println!("SKIPPED: {test}: userfaultfd not available");
+        return false;
+    }
+    true
+}
+
+#[test]
+fn lazy_restore_is_bit_identical() {
+    if !userfaultfd_available("lazy_restore_is_bit_identical") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.snap");
+    let fixture = fixture(7);
+    snapshot(&fixture, &path);
+    let restore = restore_lazy(&path).unwrap();
+    assert_eq!(
+        restore.stats().faults,
+        0,
+        "setup must not fault anything in"
+    );
+    assert_identical(restore.memory(), &fixture);
+    let stats = restore.finish().unwrap();
+    let data_pages = fixture
+        .kinds
+        .iter()
+        .flatten()
+        .filter(|k| **k == Kind::Data)
+        .count() as u64;
+    let other_pages = fixture.kinds.iter().flatten().count() as u64 - data_pages;
+    assert_eq!(stats.data_pages_copied, data_pages);
+    assert_eq!(stats.zero_pages_mapped, other_pages);
+    assert!(
+        stats.faults < data_pages + other_pages,
+        "runs were not batched: {stats:?}"
+    );
+}
+
+#[test]
+fn untouched_invalid_pages_are_never_populated() {
+    if !userfaultfd_available("untouched_invalid_pages_are_never_populated") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.snap");
+    let fixture = fixture(23);
+    snapshot(&fixture, &path);
+    let restore = restore_lazy(&path).unwrap();
+    let memory = restore.memory();
+    // Touch every data page, nothing else.
+    for (index, &(addr, _)) in REGIONS.iter().enumerate() {
+        for (page, kind) in fixture.kinds[index].iter().enumerate() {
+            if *kind == Kind::Data {
+                let mut byte = [0u8; 1];
+                memory
+                    .read_slice(&mut byte, GuestAddress(addr + page as u64 * PAGE_SIZE))
+                    .unwrap();
+            }
+        }
+    }
+    let mut untouched = 0;
+    for (index, &(addr, _)) in REGIONS.iter().enumerate() {
+        let host = memory.get_host_address(GuestAddress(addr)).unwrap() as u64;
+        for (page, kind) in fixture.kinds[index].iter().enumerate() {
+            let populated = present(host + page as u64 * PAGE_SIZE);
+            if *kind == Kind::Data {
+                assert!(
+                    populated,
+                    "data page {index}/{page} not populated after a read"
+                );
+            } else {
+                assert!(
+                    !populated,
+                    "untouched {kind:?} page {index}/{page} was populated"
+                );
+                untouched += 1;
+            }
+        }
+    }
+    assert!(untouched > 0);
+    assert_eq!(
+        restore.stats().zero_pages_mapped,
+        0,
+        "a page without data was prefaulted"
+    );
+    restore.finish().unwrap();
+}
+
+#[test]
+fn discarded_pages_read_back_as_zero_not_snapshot_data() {
+    if !userfaultfd_available("discarded_pages_read_back_as_zero_not_snapshot_data") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.snap");
+    let fixture = fixture(29);
+    snapshot(&fixture, &path);
+    let restore = restore_lazy(&path).unwrap();
+    let memory = restore.memory();
+    let page = fixture.kinds[0]
+        .iter()
+        .position(|k| *k == Kind::Data)
+        .unwrap() as u64;
+    let mut bytes = vec![0u8; PAGE_SIZE as usize];
+    memory
+        .read_slice(&mut bytes, GuestAddress(page * PAGE_SIZE))
+        .unwrap();
+    assert!(bytes.iter().any(|&b| b != 0));
+    let host = memory
+        .get_host_address(GuestAddress(page * PAGE_SIZE))
+        .unwrap();
+    // SAFETY: one page of guest memory owned by `memory`, which lives past the call; a balloon
+    // discards pages exactly like this.
+    let result = unsafe { libc::madvise(host.cast(), PAGE_SIZE as usize, libc::MADV_DONTNEED) };
+    assert_eq!(result, 0);
+    memory
+        .read_slice(&mut bytes, GuestAddress(page * PAGE_SIZE))
+        .unwrap();
+    assert!(
+        bytes.iter().all(|&b| b == 0),
+        "a discarded page came back with snapshot data"
+    );
+    restore.finish().unwrap();
+}
+
+#[test]
+fn corrupt_extent_fails_the_restore_without_hanging_the_guest() {
+    if !userfaultfd_available("corrupt_extent_fails_the_restore_without_hanging_the_guest") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.snap");
+    let fixture = fixture(31);
+    snapshot(&fixture, &path);
+    let snapshot = SnapshotFile::open(&path).unwrap();
+    let run = snapshot.regions()[0]
+        .runs
+        .iter()
+        .find(|r| r.extent.is_some())
+        .copied()
+        .unwrap();
+    let extent = run.extent.unwrap();
+    drop(snapshot);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let mut byte = [0u8; 1];
+    file.read_exact_at(&mut byte, extent.offset + 5).unwrap();
+    file.write_all_at(&[byte[0] ^ 1], extent.offset + 5)
+        .unwrap();
+    drop(file);
+    let restore = restore_lazy(&path).unwrap();
+    let mut page = vec![0u8; PAGE_SIZE as usize];
+    // Returns (with zeros): the handler refused the extent and closed the userfaultfd.
+    restore
+        .memory()
+        .read_slice(&mut page, GuestAddress(run.first_page * PAGE_SIZE))
+        .unwrap();
+    assert!(
+        page.iter().all(|&b| b == 0),
+        "corrupt data reached guest memory"
+    );
+    let failure = restore.finish();
+    assert!(
+        matches!(failure, Err(Error::UnsupportedMemory(ref m)) if m.contains("checksum")),
+        "{failure:?}"
+    );
+}
+
+#[test]
+fn handler_serves_clones_and_stops_when_the_last_is_dropped() {
+    if !userfaultfd_available("handler_serves_clones_and_stops_when_the_last_is_dropped") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.snap");
+    let fixture = fixture(37);
+    snapshot(&fixture, &path);
+    let restore = restore_lazy(&path).unwrap();
+    let clone = restore.memory().clone();
+    let waiter = std::thread::spawn(move || restore.finish());
+    // `finish` dropped its handle; the clone keeps the regions mapped and served.
+    assert_identical(&clone, &fixture);
+    drop(clone);
+    let stats = waiter.join().unwrap().unwrap();
+    assert!(stats.data_pages_copied > 0);
+}
+
+#[test]
+fn diff_snapshots_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.snap");
+    let diff = dir.path().join("diff.snap");
+    let fixture = fixture(41);
+    snapshot(&fixture, &base);
+    let parent = SnapshotFile::open(&base).unwrap();
+    let dirty: Vec<Vec<u64>> = REGIONS
+        .iter()
+        .map(|&(_, s)| vec![1u64; (s / PAGE_SIZE).div_ceil(64) as usize])
+        .collect();
+    let dirty = RegionBitmaps::new(dirty.iter().map(|b| b.as_slice()).collect());
+    SnapshotWriter::new(WriteOptions::default())
+        .diff_against(&parent, &dirty)
+        .write_file(&fixture.memory, &diff)
+        .unwrap();
+    assert!(matches!(restore_lazy(&diff), Err(Error::NeedsParent)));
+}
