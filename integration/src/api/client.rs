@@ -105,6 +105,9 @@ pub struct ApiClient {
 
 impl ApiClient {
     /// Connects to the API socket at `path`, with [`DEFAULT_TIMEOUT`] for each response.
+    ///
+    /// # Errors
+    /// [`ApiClientError::Connect`] when nothing accepts connections at `path`.
     pub fn connect(path: &Path) -> Result<Self, ApiClientError> {
         let stream = UnixStream::connect(path).map_err(|source| ApiClientError::Connect {
             path: path.to_path_buf(),
@@ -127,6 +130,10 @@ impl ApiClient {
 
     /// Sends `method` on `endpoint` (a name like `vm.info`) with an optional JSON body and
     /// reads the response.
+    ///
+    /// # Errors
+    /// Only when no complete response arrived (I/O failure, timeout, closed connection,
+    /// malformed response); an HTTP error status is an `Ok` response.
     pub fn request(
         &mut self,
         method: &str,

@@ -110,6 +110,9 @@ pub struct ApiServer {
 }
 
 /// Starts serving the API on `socket_path` with [`ApiServerLimits::default`].
+///
+/// # Errors
+/// As [`start_api_server_with_limits`].
 pub fn start_api_server(
     socket_path: &Path,
     backend: Arc<dyn VmmBackend>,
@@ -122,6 +125,10 @@ pub fn start_api_server(
 /// A socket file left behind by a dead process is replaced; a live one (something accepts
 /// connections on it) makes this fail with [`ApiServerError::SocketInUse`]. The socket has mode
 /// 0600 before the first connection is accepted.
+///
+/// # Errors
+/// [`ApiServerError::SocketInUse`] or [`ApiServerError::NotASocket`] when the path is taken;
+/// the other variants when a system call fails (nothing is left behind at the path then).
 pub fn start_api_server_with_limits(
     socket_path: &Path,
     backend: Arc<dyn VmmBackend>,
