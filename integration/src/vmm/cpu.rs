@@ -4,7 +4,7 @@
 use kvm_bindings::{
     kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
 };
-use kvm_ioctls::{Kvm, VcpuFd};
+use kvm_ioctls::{Cap, Kvm, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::error::{Error, Result};
@@ -14,6 +14,10 @@ use super::layout::BOOT_GDT_START;
 const CPUID_HYPERVISOR: u32 = 1 << 31;
 /// CPUID leaf 1 EDX bit: more than one logical processor per package.
 const CPUID_HTT: u32 = 1 << 28;
+/// CPUID leaf 1 ECX bit: LAPIC TSC-deadline timer. KVM emulates it with the in-kernel LAPIC but
+/// reports it through `KVM_CAP_TSC_DEADLINE_TIMER`, not in the supported CPUID. A
+/// hardware-reduced guest has no PIT to calibrate the LAPIC timer against, so it needs this.
+const CPUID_TSC_DEADLINE: u32 = 1 << 24;
 
 /// CPUID for vCPU `id` of `count`: the host's supported leaves with APIC IDs and a
 /// one-thread-per-core, `count`-cores-per-package topology.
@@ -21,6 +25,7 @@ pub fn vcpu_cpuid(kvm: &Kvm, id: u8, count: u8) -> Result<CpuId> {
     let mut cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| Error::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+    let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
     let core_bits = u32::BITS - (u32::from(count).saturating_sub(1)).leading_zeros();
     for entry in cpuid.as_mut_slice() {
         match entry.function {
@@ -28,6 +33,9 @@ pub fn vcpu_cpuid(kvm: &Kvm, id: u8, count: u8) -> Result<CpuId> {
                 entry.ebx =
                     (entry.ebx & 0x0000_ffff) | (u32::from(id) << 24) | (u32::from(count) << 16);
                 entry.ecx |= CPUID_HYPERVISOR;
+                if tsc_deadline {
+                    entry.ecx |= CPUID_TSC_DEADLINE;
+                }
                 if count > 1 {
                     entry.edx |= CPUID_HTT;
                 }

@@ -137,7 +137,7 @@ impl Vmm {
         let mut manager: EventManager<Box<dyn MutEventSubscriber + Send>> =
             EventManager::new().map_err(|e| Error::Sys("epoll", io_error(e)))?;
         manager.add_subscriber(Box::new(ExitWatcher(self.exit.clone())));
-        if self.config.serial == SerialOutput::Tty {
+        if self.config.serial == SerialOutput::Tty && devices::serial::stdin_is_pollable() {
             manager.add_subscriber(Box::new(SerialInput::new(self.serial.clone())));
         }
         let reason = loop {

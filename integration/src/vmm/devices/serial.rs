@@ -152,3 +152,18 @@ fn read_stdin(buf: &mut [u8]) -> usize {
     let n = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
     usize::try_from(n).unwrap_or(0)
 }
+
+/// True when stdin is a terminal, pipe or socket: the kinds epoll can watch. (A regular file or
+/// `/dev/null`, as under a batch runner, cannot be polled and has nothing to feed the guest.)
+pub fn stdin_is_pollable() -> bool {
+    // SAFETY: `stat` is plain data that `fstat` fills; fd 0 is valid or fstat fails cleanly.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes only into `stat`, which is valid for writes.
+    if unsafe { libc::fstat(libc::STDIN_FILENO, &mut stat) } != 0 {
+        return false;
+    }
+    let kind = stat.st_mode & libc::S_IFMT;
+    // SAFETY: isatty only inspects the descriptor.
+    let tty = unsafe { libc::isatty(libc::STDIN_FILENO) } == 1;
+    tty || kind == libc::S_IFIFO || kind == libc::S_IFSOCK
+}
