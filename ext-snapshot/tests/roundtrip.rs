@@ -93,7 +93,9 @@ fn round_trip(layout: &[(u64, u64)], fills: &[Vec<Fill>], memfd: bool) {
 
     // Stream encoding.
     let mut stream = Vec::new();
-    let sreport = writer.write_stream(&source, &mut stream).expect("write stream");
+    let sreport = writer
+        .write_stream(&source, &mut stream)
+        .expect("write stream");
     check_report(&sreport, fills);
     assert_eq!(sreport.output_bytes, stream.len() as u64);
     let target = fresh_memory(layout).expect("fresh memory");
@@ -203,5 +205,9 @@ fn never_populated_pages_are_not_read_by_the_writer() {
         .expect("write");
     let resident = resident_pages(&mem);
     let populated: Vec<usize> = (0..64).filter(|&p| resident[0][p]).collect();
-    assert_eq!(populated, vec![5], "the writer populated pages it should not read");
+    assert_eq!(
+        populated,
+        vec![5],
+        "the writer populated pages it should not read"
+    );
 }

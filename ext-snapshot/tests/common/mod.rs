@@ -8,9 +8,7 @@ use std::os::fd::FromRawFd;
 use std::os::unix::fs::FileExt;
 
 use ext_snapshot::PAGE_SIZE;
-use vm_memory::{
-    Bytes, FileOffset, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion,
-};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 
 /// What a test puts into one guest page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,7 +59,9 @@ pub fn memfd_memory(layout: &[(u64, u64)]) -> GuestMemoryMmap {
 
 /// The bytes a `Data(seed)` page holds.
 pub fn page_bytes(seed: u8, gfn: u64) -> Vec<u8> {
-    let mut state = (u64::from(seed).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ gfn.wrapping_mul(0x1234_5678_9abc_def1)) | 1;
+    let mut state = (u64::from(seed).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        ^ gfn.wrapping_mul(0x1234_5678_9abc_def1))
+        | 1;
     (0..PAGE_SIZE)
         .map(|_| {
             state ^= state << 13;
@@ -75,7 +75,11 @@ pub fn page_bytes(seed: u8, gfn: u64) -> Vec<u8> {
 /// Fills `mem` as `fills` says (one entry per page of each region, in order) and returns the
 /// invalid-page bitmap over gfns.
 pub fn fill_memory(mem: &GuestMemoryMmap, layout: &[(u64, u64)], fills: &[Vec<Fill>]) -> Vec<u64> {
-    let max_gfn = layout.iter().map(|&(a, s)| (a + s) / PAGE_SIZE).max().unwrap_or(0);
+    let max_gfn = layout
+        .iter()
+        .map(|&(a, s)| (a + s) / PAGE_SIZE)
+        .max()
+        .unwrap_or(0);
     let mut invalid = vec![0u64; max_gfn.div_ceil(64) as usize + 1];
     for (&(addr, _), pages) in layout.iter().zip(fills) {
         for (i, f) in pages.iter().enumerate() {
@@ -121,7 +125,8 @@ pub fn read_memory(mem: &GuestMemoryMmap) -> Vec<Vec<u8>> {
     mem.iter()
         .map(|r| {
             let mut buf = vec![0u8; r.len() as usize];
-            mem.read_slice(&mut buf, r.start_addr()).expect("read memory");
+            mem.read_slice(&mut buf, r.start_addr())
+                .expect("read memory");
             buf
         })
         .collect()
@@ -135,7 +140,9 @@ pub fn resident_pages(mem: &GuestMemoryMmap) -> Vec<Vec<bool>> {
             let pages = (r.len() / PAGE_SIZE) as usize;
             let mut buf = vec![0u8; pages * 8];
             let vpn = r.as_ptr() as u64 / PAGE_SIZE;
-            pagemap.read_exact_at(&mut buf, vpn * 8).expect("read pagemap");
+            pagemap
+                .read_exact_at(&mut buf, vpn * 8)
+                .expect("read pagemap");
             buf.chunks_exact(8)
                 .map(|e| u64::from_le_bytes(e.try_into().expect("8 bytes")) & (3 << 62) != 0)
                 .collect()

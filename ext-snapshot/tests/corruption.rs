@@ -1,0 +1,295 @@
+//! Corruption tests: every single-byte change and every truncation of a small snapshot is
+//! rejected, in both encodings, and the target memory is untouched after each rejection.
+
+mod common;
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use common::{anon_memory, expected_bytes, fill_memory, read_memory, Fill};
+use ext_snapshot::{
+    restore_eager, restore_stream, restore_stream_staged, EagerOptions, Error, GfnBitmap,
+    SnapshotFile, SnapshotWriter, StreamReader, WriteOptions, PAGE_SIZE,
+};
+use vm_memory::{Bytes, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
+
+const LAYOUT: [(u64, u64); 2] = [(0, 6 * PAGE_SIZE), (0x10_0000, 3 * PAGE_SIZE)];
+
+/// A small snapshot with every page type and two data extents, in both encodings.
+fn small_snapshot(dir: &Path) -> (Vec<u8>, Vec<u8>, Vec<Vec<u8>>) {
+    let fills = vec![
+        vec![
+            Fill::Data(1),
+            Fill::Zeros,
+            Fill::Untouched,
+            Fill::Invalid(2),
+            Fill::Data(3),
+            Fill::Data(4),
+        ],
+        vec![Fill::Untouched, Fill::Zeros, Fill::Data(5)],
+    ];
+    let mem = anon_memory(&LAYOUT);
+    let invalid = fill_memory(&mem, &LAYOUT, &fills);
+    let bitmap = GfnBitmap::new(&invalid);
+    let writer = SnapshotWriter::new(WriteOptions::default()).invalid_pages(&bitmap);
+    let path = dir.join("small");
+    writer.write_file(&mem, &path).expect("write file");
+    let mut stream = Vec::new();
+    writer
+        .write_stream(&mem, &mut stream)
+        .expect("write stream");
+    let file = std::fs::read(&path).expect("read file");
+    (file, stream, expected_bytes(&LAYOUT, &fills))
+}
+
+/// Memory with the snapshot's layout holding a pattern no restore would produce.
+fn junk_memory() -> (GuestMemoryMmap, Vec<Vec<u8>>) {
+    let mem = anon_memory(&LAYOUT);
+    for r in mem.iter() {
+        mem.write_slice(&vec![0x5au8; r.len() as usize], r.start_addr())
+            .expect("junk");
+    }
+    let before = read_memory(&mem);
+    (mem, before)
+}
+
+fn used_target() -> EagerOptions {
+    EagerOptions {
+        target_is_fresh: false,
+        ..Default::default()
+    }
+}
+
+/// Opens, verifies and restores the file at `path`; must fail without touching `mem`.
+fn file_must_be_rejected(path: &Path, mem: &GuestMemoryMmap, before: &[Vec<u8>], what: &str) {
+    let result = SnapshotFile::open(path)
+        .and_then(|s| s.verify_data().map(|()| s))
+        .and_then(|s| restore_eager(&s, mem, used_target()));
+    assert!(result.is_err(), "{what}: accepted");
+    // A second path through the API: restore without an explicit verify must reject too.
+    if let Ok(s) = SnapshotFile::open(path) {
+        assert!(
+            restore_eager(&s, mem, used_target()).is_err(),
+            "{what}: restored"
+        );
+    }
+    assert!(read_memory(mem) == before, "{what}: memory touched");
+}
+
+#[test]
+fn the_untouched_snapshot_is_accepted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (file, stream, expected) = small_snapshot(dir.path());
+    let path = dir.path().join("copy");
+    std::fs::write(&path, &file).expect("write copy");
+    let (mem, _) = junk_memory();
+    let s = SnapshotFile::open(&path).expect("open");
+    restore_eager(&s, &mem, used_target()).expect("restore");
+    assert!(read_memory(&mem) == expected);
+    let (mem, _) = junk_memory();
+    restore_stream(&stream[..], &mem, used_target()).expect("stream restore");
+    assert!(read_memory(&mem) == expected);
+}
+
+#[test]
+fn every_byte_flip_of_the_file_is_rejected() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (file, _, _) = small_snapshot(dir.path());
+    let path = dir.path().join("corrupt");
+    std::fs::write(&path, &file).expect("write copy");
+    let f = OpenOptions::new().write(true).open(&path).expect("open rw");
+    let (mem, before) = junk_memory();
+    // The file covers header, 4 data pages in 2 extents, 2 indexes and the region table.
+    assert!(file.len() as u64 > 4096 + 4 * PAGE_SIZE);
+    // Extents hold no structure: one flip per byte there, three elsewhere.
+    let data_end = u64::from_le_bytes(file[72..80].try_into().expect("8")) as usize;
+    for at in 0..file.len() {
+        let masks: &[u8] = if (4096..data_end).contains(&at) {
+            &[0x01]
+        } else {
+            &[0x01, 0x80, 0xff]
+        };
+        for &mask in masks {
+            f.write_all_at(&[file[at] ^ mask], at as u64).expect("flip");
+            file_must_be_rejected(&path, &mem, &before, &format!("byte {at} ^ {mask:#x}"));
+        }
+        f.write_all_at(&file[at..at + 1], at as u64)
+            .expect("restore byte");
+    }
+}
+
+#[test]
+fn every_truncation_of_the_file_is_rejected() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (file, _, _) = small_snapshot(dir.path());
+    let path = dir.path().join("short");
+    let (mem, before) = junk_memory();
+    for len in 0..file.len() {
+        std::fs::write(&path, &file[..len]).expect("write prefix");
+        file_must_be_rejected(&path, &mem, &before, &format!("length {len}"));
+    }
+    // Appended bytes are rejected too.
+    let mut longer = file.clone();
+    longer.push(0);
+    std::fs::write(&path, &longer).expect("write longer");
+    file_must_be_rejected(&path, &mem, &before, "one byte appended");
+}
+
+/// A corrupt stream: the reader rejects it, the staged restore leaves memory untouched, and
+/// the direct restore never writes an unverified byte.
+fn stream_must_be_rejected(stream: &[u8], expected: &[Vec<u8>], spool: &Path, what: &str) {
+    let mut reader_result = StreamReader::new(stream).map(|_| ());
+    if let Ok(mut reader) = StreamReader::new(stream) {
+        reader_result = loop {
+            match reader.next_record() {
+                Ok(Some(_)) => {}
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        };
+    }
+    assert!(reader_result.is_err(), "{what}: reader accepted");
+
+    let (mem, before) = junk_memory();
+    assert!(
+        restore_stream_staged(stream, &mem, spool, used_target()).is_err(),
+        "{what}: staged accepted"
+    );
+    assert!(read_memory(&mem) == before, "{what}: staged touched memory");
+    assert!(!spool.exists(), "{what}: spool left behind");
+
+    let (mem, before) = junk_memory();
+    match restore_stream(stream, &mem, used_target()) {
+        Ok(_) => panic!("{what}: direct restore accepted"),
+        Err(Error::PartialRestore { .. }) => {
+            // Pages hold either their old bytes or the snapshot's, never anything else.
+            let after = read_memory(&mem);
+            for ((a, b), e) in after.iter().zip(&before).zip(expected) {
+                for p in 0..a.len() / PAGE_SIZE as usize {
+                    let page = p * PAGE_SIZE as usize..(p + 1) * PAGE_SIZE as usize;
+                    assert!(
+                        a[page.clone()] == b[page.clone()] || a[page.clone()] == e[page],
+                        "{what}: direct restore wrote unverified bytes"
+                    );
+                }
+            }
+        }
+        Err(_) => assert!(read_memory(&mem) == before, "{what}: direct touched memory"),
+    }
+}
+
+#[test]
+fn every_byte_flip_of_the_stream_is_rejected() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_, stream, expected) = small_snapshot(dir.path());
+    let spool = dir.path().join("spool");
+    let mut corrupt = stream.clone();
+    for at in 0..stream.len() {
+        for mask in [0x01u8, 0x80, 0xff] {
+            corrupt[at] = stream[at] ^ mask;
+            stream_must_be_rejected(
+                &corrupt,
+                &expected,
+                &spool,
+                &format!("byte {at} ^ {mask:#x}"),
+            );
+        }
+        corrupt[at] = stream[at];
+    }
+}
+
+#[test]
+fn every_truncation_of_the_stream_is_rejected() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_, stream, expected) = small_snapshot(dir.path());
+    let spool = dir.path().join("spool");
+    for len in 0..stream.len() {
+        stream_must_be_rejected(&stream[..len], &expected, &spool, &format!("length {len}"));
+    }
+}
+
+/// Rewrites header and region table checksums of a file image after an edit.
+fn reseal(file: &mut [u8]) {
+    let table_at = u64::from_le_bytes(file[64..72].try_into().expect("8")) as usize;
+    let table_crc = crc32c::crc32c(&file[table_at..]);
+    file[88..92].copy_from_slice(&table_crc.to_le_bytes());
+    let crc = crc32c::crc32c(&file[..4092]);
+    file[4092..4096].copy_from_slice(&crc.to_le_bytes());
+}
+
+fn open_image(dir: &Path, image: &[u8]) -> Result<SnapshotFile, Error> {
+    let path = dir.join("image");
+    std::fs::write(&path, image).expect("write image");
+    SnapshotFile::open(&path)
+}
+
+#[test]
+fn resealed_edits_get_the_specific_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (file, stream, _) = small_snapshot(dir.path());
+
+    let mut image = file.clone();
+    image[8] = 2;
+    reseal(&mut image);
+    assert!(matches!(
+        open_image(dir.path(), &image),
+        Err(Error::UnsupportedVersion(2))
+    ));
+
+    let mut image = file.clone();
+    image[12..16].copy_from_slice(&65536u32.to_le_bytes());
+    reseal(&mut image);
+    assert!(matches!(
+        open_image(dir.path(), &image),
+        Err(Error::UnsupportedPageSize(65536))
+    ));
+
+    let mut image = file.clone();
+    image[16] = 0x2;
+    reseal(&mut image);
+    assert!(matches!(
+        open_image(dir.path(), &image),
+        Err(Error::UnknownFlags(2))
+    ));
+
+    let mut image = file.clone();
+    image[0] = b'X';
+    assert!(matches!(
+        open_image(dir.path(), &image),
+        Err(Error::BadMagic { .. })
+    ));
+
+    // Second region moved onto the first: overlapping regions.
+    let mut image = file.clone();
+    let table_at = u64::from_le_bytes(image[64..72].try_into().expect("8")) as usize;
+    image[table_at + 40..table_at + 48].copy_from_slice(&PAGE_SIZE.to_le_bytes());
+    reseal(&mut image);
+    assert!(matches!(
+        open_image(dir.path(), &image),
+        Err(Error::Inconsistent(_))
+    ));
+
+    // A corrupted extent passes open (structure intact) but not verification.
+    let mut image = file.clone();
+    image[4096 + 100] ^= 1;
+    let s = open_image(dir.path(), &image).expect("structure is intact");
+    assert!(matches!(s.verify_data(), Err(Error::BadChecksum { .. })));
+
+    let mut image = stream.clone();
+    image[8] = 9;
+    let crc = crc32c::crc32c(&image[..96]);
+    image[96..100].copy_from_slice(&crc.to_le_bytes());
+    assert!(matches!(
+        StreamReader::new(&image[..]),
+        Err(Error::UnsupportedVersion(9))
+    ));
+    assert!(matches!(
+        StreamReader::new(&file[..]),
+        Err(Error::BadMagic { encoding: "stream" })
+    ));
+    assert!(matches!(
+        StreamReader::new(&stream[..50]),
+        Err(Error::Truncated(_))
+    ));
+}
