@@ -107,6 +107,11 @@ pub(crate) struct Connection {
 impl Connection {
     /// Serves requests from `stream` under `limits`.
     pub fn new(stream: UnixStream, limits: ApiServerLimits) -> Self {
+        // Bounds every write (responses, 100-continue) so a client that stops reading
+        // cannot park this thread.
+        if let Err(err) = stream.set_write_timeout(Some(limits.request_timeout)) {
+            tracing::debug!("cannot set API write timeout: {err}");
+        }
         Connection {
             stream,
             pending: Vec::new(),
@@ -220,8 +225,6 @@ impl Connection {
 
     /// Sends `response`; `keep_alive` false adds `Connection: close`.
     pub fn write_response(&mut self, response: &Response, keep_alive: bool) -> io::Result<()> {
-        self.stream
-            .set_write_timeout(Some(self.limits.request_timeout))?;
         self.stream
             .write_all(&encode_response(response, keep_alive))
     }
