@@ -135,12 +135,12 @@ pub fn start_api_server_with_limits(
     limits: ApiServerLimits,
 ) -> Result<ApiServer, ApiServerError> {
     remove_stale_socket(socket_path)?;
-    let listener = UnixListener::bind(socket_path).map_err(|source| ApiServerError::Bind {
+    let listener = bind_private(socket_path).map_err(|source| ApiServerError::Bind {
         path: socket_path.to_path_buf(),
         source,
     })?;
-    // Until this chmod the socket has the umask's mode; with any usual umask that already
-    // denies other users write access, which `connect` needs, and nothing is accepted before.
+    // Already 0600 from the bind; set explicitly so the mode does not depend on how the
+    // filesystem applied the umask.
     let restrict = fs::set_permissions(socket_path, fs::Permissions::from_mode(SOCKET_MODE))
         .and_then(|()| fs::metadata(socket_path));
     let metadata = match restrict {
@@ -217,6 +217,21 @@ impl Drop for ApiServer {
     fn drop(&mut self) {
         self.stop_and_clean_up();
     }
+}
+
+/// Binds `path` with the umask set to 0177, so the socket is created with mode 0600. A chmod
+/// after `bind` alone would leave a moment in which another user could connect (permission
+/// is checked at `connect`, and such a connection would wait in the backlog to be accepted).
+/// The umask is process-wide: a file another thread creates during these two calls gets a
+/// more restrictive mode, never a more permissive one.
+fn bind_private(path: &Path) -> io::Result<UnixListener> {
+    // SAFETY: umask only swaps the process's file-creation mask; it reads or writes no memory
+    // of ours and cannot fail.
+    let previous = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above; this restores the mask the process had.
+    unsafe { libc::umask(previous) };
+    bound
 }
 
 /// Removes a socket file nobody listens on; refuses to touch anything else.
