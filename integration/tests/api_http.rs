@@ -569,6 +569,34 @@ fn silent_and_slow_clients_do_not_block_others() {
 }
 
 #[test]
+fn clients_that_hang_up_early_are_handled() {
+    let server = TestServer::start(FixtureVmm::with_vm(VmState::Running));
+    // Half-closed after the request (as `socat` or `nc -N` do): still answered.
+    let mut half_closed = UnixStream::connect(&server.path).expect("connect");
+    half_closed
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    half_closed
+        .write_all(b"PUT /api/v1/vm.pause HTTP/1.1\r\n\r\n")
+        .expect("send");
+    half_closed
+        .shutdown(std::net::Shutdown::Write)
+        .expect("half close");
+    let mut answer = String::new();
+    half_closed.read_to_string(&mut answer).expect("answer");
+    assert!(answer.starts_with("HTTP/1.1 204 "), "{answer}");
+
+    // Gone before the answer: the server's write fails, nothing else does.
+    let mut impatient = UnixStream::connect(&server.path).expect("connect");
+    impatient
+        .write_all(b"PUT /api/v1/vm.resume HTTP/1.1\r\n\r\n")
+        .expect("send");
+    drop(impatient);
+    server.assert_still_serving();
+    assert_eq!(server.vmm.lock().pauses, 1);
+}
+
+#[test]
 fn idle_and_stuck_connections_are_closed() {
     let limits = ApiServerLimits {
         idle_timeout: Duration::from_millis(200),
