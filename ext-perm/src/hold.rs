@@ -5,7 +5,8 @@
 //! Every vCPU thread calls [`RunGate::enter`] before `KVM_RUN` and [`RunGate::leave`] after
 //! it returns. [`RunGate::hold_others`] marks the VM as held by one vCPU, kicks every other
 //! vCPU still in guest mode with a signal (so `KVM_RUN` returns `EINTR`) and waits until none
-//! is; held vCPUs wait in `enter` until [`RunGate::release`].
+//! is; held vCPUs wait in `enter` until [`RunGate::release`]. The control thread holds the
+//! VM the same way (as [`crate::manager::CONTROL_THREAD`]) while it reshapes memslots.
 
 use std::collections::BTreeMap;
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};

@@ -28,6 +28,9 @@ use crate::table::{PermissionRun, PermissionTable, ViewId};
 /// `KVM_INTERNAL_ERROR_EMULATION`: the suberror of a fetch from an unbacked GPA.
 const INTERNAL_ERROR_EMULATION: u32 = 1;
 
+/// The [`RunGate`] holder id of the control (API) thread; vCPU ids are below it.
+pub const CONTROL_THREAD: u32 = u32::MAX;
+
 /// A vCPU exit that may be a permission fault, as the VMM's exit loop sees it.
 #[derive(Debug)]
 pub enum PermissionExit<'a> {
@@ -259,27 +262,39 @@ impl<B: EnforcementBackend, M: GuestMemory + Send + Sync> PermissionManager<B, M
         gfns: Range<u64>,
         permissions: Permissions,
     ) -> Result<()> {
-        let mut inner = self.lock();
-        inner.table.set_range(view, gfns.clone(), permissions)?;
-        let Inner { table, backend, .. } = &mut *inner;
-        backend.sync(table, gfns)
+        self.with_vcpus_held(|inner| {
+            inner.table.set_range(view, gfns.clone(), permissions)?;
+            let Inner { table, backend, .. } = inner;
+            backend.sync(table, gfns)
+        })
+    }
+
+    /// Runs `f` with every vCPU out of guest mode: reshaping memslots deletes a slot before
+    /// re-creating its pieces, and a vCPU running in between would find its own code or page
+    /// tables without a memslot (seen as a triple fault on PVM).
+    fn with_vcpus_held<R>(&self, f: impl FnOnce(&mut Inner<B>) -> Result<R>) -> Result<R> {
+        self.gate.hold_others(CONTROL_THREAD);
+        let result = f(&mut self.lock());
+        self.gate.release(CONTROL_THREAD);
+        result
     }
 
     /// Puts `vcpu` in `view`; re-installs all of RAM, since the set of active views (whose
     /// intersection VM-wide backends install) may have changed.
     pub fn assign_vcpu(&self, vcpu: u32, view: ViewId) -> Result<()> {
-        let mut inner = self.lock();
-        inner.table.assign_vcpu(vcpu, view)?;
-        let Inner {
-            table,
-            backend,
-            ram,
-            ..
-        } = &mut *inner;
-        for r in ram.iter() {
-            backend.sync(table, r.clone())?;
-        }
-        Ok(())
+        self.with_vcpus_held(|inner| {
+            inner.table.assign_vcpu(vcpu, view)?;
+            let Inner {
+                table,
+                backend,
+                ram,
+                ..
+            } = inner;
+            for r in ram.iter() {
+                backend.sync(table, r.clone())?;
+            }
+            Ok(())
+        })
     }
 
     /// The view of `vcpu`.

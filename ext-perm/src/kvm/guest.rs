@@ -3,7 +3,7 @@
 //!
 //! Used by the KVM tests and `ext-perm-bench` so that both exercise real KVM exits on real
 //! guest memory. Layout (GPA): page tables from 0x1000, GDT at 0x800, stack top at
-//! [`STACK_TOP`], free for code and data from [`FIRST_FREE_GPA`].
+//! [`STACK_TOP`], IDT at 0x5000, free for code and data from [`FIRST_FREE_GPA`].
 
 use std::sync::Arc;
 
@@ -16,6 +16,9 @@ use crate::permissions::PAGE_SIZE;
 
 const GDT_GPA: u64 = 0x800;
 const PML4_GPA: u64 = 0x1000;
+/// One page of 256 long-mode interrupt gates, all not-present until
+/// [`TestGuest::set_exception_handler`].
+const IDT_GPA: u64 = 0x5000;
 /// Top of the 8 KiB stack the vCPUs start with.
 pub const STACK_TOP: u64 = 0x8000;
 /// First GPA the fixture leaves to the test (code, data).
@@ -104,6 +107,22 @@ impl TestGuest {
             .map_err(memory_error(gpa))
     }
 
+    /// Points exception `vector` at 64-bit code at `handler` (CPL0, no IST).
+    pub fn set_exception_handler(&self, vector: u8, handler: u64) -> Result<()> {
+        let low = (handler & 0xffff)
+            | (0x8 << 16) // code selector
+            | (0x8e << 40) // present, DPL0, 64-bit interrupt gate
+            | (((handler >> 16) & 0xffff) << 48);
+        let high = handler >> 32;
+        let gpa = IDT_GPA + 16 * u64::from(vector);
+        self.memory
+            .write_obj(low, GuestAddress(gpa))
+            .map_err(memory_error(gpa))?;
+        self.memory
+            .write_obj(high, GuestAddress(gpa + 8))
+            .map_err(memory_error(gpa + 8))
+    }
+
     /// Reads a little-endian u64 from guest memory at `gpa` (the host's view).
     pub fn read_u64(&self, gpa: u64) -> Result<u64> {
         self.memory
@@ -168,6 +187,8 @@ fn long_mode_sregs(sregs: &mut kvm_sregs) {
     sregs.ss = data;
     sregs.gdt.base = GDT_GPA;
     sregs.gdt.limit = 23;
+    sregs.idt.base = IDT_GPA;
+    sregs.idt.limit = 16 * 256 - 1;
     sregs.cr3 = PML4_GPA;
     sregs.cr4 = 1 << 5; // PAE
     sregs.cr0 = 0x8000_0033; // PG | NE | ET | MP | PE

@@ -328,3 +328,16 @@ impl EnforcementBackend for KvmMemslotBackend {
         }
     }
 }
+
+impl Drop for KvmMemslotBackend {
+    /// The backend owns the RAM memslots: they go with it, so another backend (or the VMM)
+    /// can take the VM's RAM over.
+    fn drop(&mut self) {
+        let starts: Vec<u64> = self.slots.keys().copied().collect();
+        for start in starts {
+            // Nothing to report to from a destructor; a failed delete leaves a stale slot
+            // that the next registration of that range reports as EINVAL.
+            let _ = self.delete_slot(start);
+        }
+    }
+}

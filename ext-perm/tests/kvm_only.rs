@@ -1,0 +1,204 @@
+//! KVM-specific behaviour the software model has no counterpart for: the capability probe,
+//! other vCPUs held out of guest mode during a single-step grant, and fault injection into
+//! a real guest's IDT.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use common::{Harness, KvmHarness, Stop};
+use ext_perm::api::SetPermissionsRequest;
+use ext_perm::kvm::guest::STACK_TOP;
+use ext_perm::kvm::{run_vcpu, VcpuStop};
+use ext_perm::{
+    Decision, DenyAction, ExitHandler, GrantPreference, ManagerConfig, PermissionExit, RunGate,
+    VcpuControl, PAGE_SIZE,
+};
+
+const CODE: u64 = 0x10000;
+const SPIN: u64 = 0x11000;
+const DATA: u64 = 0x20000;
+const PAGE_B: u64 = 0x31000;
+
+fn protect(h: &dyn Harness, gpa: u64, permissions: &str) {
+    h.control()
+        .set_permissions(&SetPermissionsRequest {
+            view: 0,
+            gpa,
+            size: PAGE_SIZE,
+            permissions: permissions.parse().unwrap(),
+        })
+        .unwrap();
+}
+
+#[test]
+fn capability_probe_reports_this_host() {
+    let Some(h) = KvmHarness::new("capability_probe_reports_this_host", 1, Default::default())
+    else {
+        return;
+    };
+    let caps = h.manager.with_backend(|b| b.capabilities().clone());
+    println!("{}", serde_json::to_string(&caps).unwrap());
+    assert!(caps.readonly_mem);
+    assert!(caps.nr_memslots > 0);
+    // Where the quirk can be disabled, the backend must have disabled it.
+    assert_eq!(
+        caps.slot_zap_all_disabled,
+        caps.disable_quirks2 & ext_perm::kvm::KVM_X86_QUIRK_SLOT_ZAP_ALL != 0
+    );
+    // One memslot for the whole 2 MiB guest before any protection.
+    assert_eq!(h.manager.with_backend(|b| b.memslot_count()), 1);
+    protect(&h, DATA, "r-x");
+    protect(&h, DATA + PAGE_SIZE, "rw-");
+    // RAM below, the read-only page, (the unbacked page has no slot), RAM above.
+    assert_eq!(h.manager.with_backend(|b| b.memslot_count()), 3);
+}
+
+/// Records, each time a grant is installed, which vCPUs were in guest mode.
+struct Recorder<H> {
+    inner: Arc<H>,
+    gate: Arc<RunGate>,
+    at_grant: Mutex<Vec<(Option<u32>, Vec<u32>)>>,
+}
+
+impl<H: ExitHandler> ExitHandler for Recorder<H> {
+    fn handle_exit(
+        &self,
+        vcpu: &dyn VcpuControl,
+        exit: PermissionExit<'_>,
+    ) -> ext_perm::Result<Decision> {
+        let decision = self.inner.handle_exit(vcpu, exit)?;
+        if decision == Decision::GrantInstalled {
+            self.at_grant
+                .lock()
+                .unwrap()
+                .push((self.gate.holder(), self.gate.vcpus_in_guest()));
+        }
+        Ok(decision)
+    }
+}
+
+#[test]
+fn other_vcpus_are_held_during_a_single_step_grant() {
+    let config = ManagerConfig {
+        grant: GrantPreference::SingleStep,
+        ..Default::default()
+    };
+    let Some(mut h) = KvmHarness::new("other_vcpus_are_held_during_a_single_step_grant", 2, config)
+    else {
+        return;
+    };
+    // vCPU 1 spins in an executable page (`jmp $`) on its own thread.
+    h.write(SPIN, &[0xeb, 0xfe]);
+    let mut spinner = h.guest.vcpus.pop().expect("two vCPUs");
+    {
+        use ext_perm::kvm::KvmVcpu;
+        let regs = ext_perm::Registers {
+            rip: SPIN,
+            rflags: 2,
+            gprs: [
+                0,
+                0,
+                0,
+                0,
+                STACK_TOP - 0x1000,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+            ],
+        };
+        KvmVcpu::new(&spinner, 1).set_registers(&regs).unwrap();
+    }
+    let recorder = Arc::new(Recorder {
+        inner: h.manager.clone(),
+        gate: h.gate.clone(),
+        at_grant: Mutex::new(Vec::new()),
+    });
+    let (gate, handler) = (h.gate.clone(), recorder.clone());
+    let thread = std::thread::spawn(move || run_vcpu(&mut spinner, 1, &gate, &*handler));
+    while !h.gate.vcpus_in_guest().contains(&1) {
+        std::thread::yield_now();
+    }
+
+    // vCPU 0 runs the straddling `mov rax, imm64` (3 bytes in A, 7 in non-executable B).
+    let imm = 0x0102_0304_0506_0708u64;
+    let mut code = vec![0x48, 0xb8];
+    code.extend_from_slice(&imm.to_le_bytes());
+    code.push(0xf4);
+    h.write(PAGE_B - 3, &code);
+    protect(&h, PAGE_B, "rw-");
+    let fd = &mut h.guest.vcpus[0];
+    {
+        use ext_perm::kvm::KvmVcpu;
+        let regs = ext_perm::Registers {
+            rip: PAGE_B - 3,
+            rflags: 2,
+            gprs: [0, 0, 0, 0, STACK_TOP, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        };
+        KvmVcpu::new(fd, 0).set_registers(&regs).unwrap();
+    }
+    let stop = run_vcpu(fd, 0, &h.gate, &*recorder).unwrap();
+    assert_eq!(stop, VcpuStop::Denied, "the hlt in page B must be refused");
+    {
+        use ext_perm::kvm::KvmVcpu;
+        let regs = KvmVcpu::new(fd, 0).registers().unwrap();
+        assert_eq!(regs.gprs[0], imm);
+    }
+
+    // Stop the spinner: turn `jmp $` into `hlt` with a single-byte (atomic) store, so it
+    // never fetches half-old, half-new bytes.
+    h.write(SPIN, &[0xf4]);
+    let spinner_stop = thread.join().unwrap().unwrap();
+    assert_eq!(spinner_stop, VcpuStop::Halted);
+
+    let seen = recorder.at_grant.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "exactly one grant: {seen:?}");
+    assert_eq!(seen[0].0, Some(0), "vCPU 0 holds the VM during its grant");
+    assert!(
+        !seen[0].1.contains(&1),
+        "vCPU 1 was in guest mode while page B was mapped: {seen:?}"
+    );
+    assert_eq!(h.gate.holder(), None, "the hold ended with the grant");
+    assert_eq!(h.manager.stats().single_step_grants, 1);
+}
+
+#[test]
+fn denied_write_injects_gp_into_the_guest() {
+    let config = ManagerConfig {
+        deny_action: DenyAction::InjectException {
+            vector: 13,
+            error_code: Some(0),
+        },
+        ..Default::default()
+    };
+    let Some(mut h) = KvmHarness::new("denied_write_injects_gp_into_the_guest", 1, config) else {
+        return;
+    };
+    let handler = CODE + 0x400;
+    h.guest.set_exception_handler(13, handler).unwrap();
+    h.write(handler, &[0x48, 0xc7, 0xc2, 0x6b, 0, 0, 0, 0xf4]); // mov rdx, 0x6b; hlt
+    h.write(CODE, &[0x48, 0x89, 0x03, 0xf4]); // mov [rbx], rax; hlt
+    h.write(DATA, &0x1111u64.to_le_bytes());
+    protect(&h, DATA, "r-x");
+    let (stop, regs) = h.run(0, CODE, 0x2222, DATA, 0);
+    assert_eq!(stop, Stop::Halted);
+    assert_eq!(regs.gprs[2], 0x6b, "the #GP handler did not run");
+    assert_eq!(regs.rip, handler + 8);
+    assert_eq!(h.read_u64(DATA), 0x1111, "the denied write was applied");
+    // Interrupt frame: error code, RIP, CS, RFLAGS, RSP, SS.
+    let rsp = regs.gprs[4];
+    assert_eq!(rsp, STACK_TOP - 48);
+    assert_eq!(h.read_u64(rsp), 0, "error code");
+    let pushed_rip = h.read_u64(rsp + 8);
+    // KVM completed the write instruction before the exit, so the fault arrives after it.
+    assert_eq!(pushed_rip, CODE + 3);
+    assert_eq!(h.read_u64(rsp + 16), 0x8, "CS");
+}
