@@ -181,7 +181,7 @@ pub fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 
 /// The KVM segment register equivalent of GDT descriptor `entry` loaded as `selector`.
 pub fn segment_from_gdt(entry: u64, selector: u16) -> kvm_segment {
-    let base = (((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000)) as u64;
+    let base = ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000);
     let raw_limit = ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32;
     let granular = (entry >> 55) & 1 == 1;
     kvm_segment {

@@ -30,7 +30,7 @@ impl ExitEvent {
     /// A fresh, unsignalled exit event.
     pub fn new() -> Result<Self> {
         Ok(ExitEvent {
-            event: EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Sys("eventfd", e.into()))?,
+            event: EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Sys("eventfd", e))?,
             reason: Mutex::new(None),
         })
     }

@@ -27,8 +27,7 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
 }
 
 fn memfd(size: u64) -> Result<File> {
-    let name = CStr::from_bytes_with_nul(b"ext-vmm-guest-ram\0")
-        .map_err(|e| Error::Memory(e.to_string()))?;
+    let name: &CStr = c"ext-vmm-guest-ram";
     // SAFETY: `name` is a valid NUL-terminated string; the returned fd is checked below and
     // owned by the `File` from then on.
     let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };

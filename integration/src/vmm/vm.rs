@@ -84,7 +84,7 @@ pub fn create_kvm_vm() -> Result<(Kvm, VmFd)> {
 
 /// An eventfd registered as an irqfd for `gsi`.
 pub fn irqfd(vm: &VmFd, gsi: u32) -> Result<EventFd> {
-    let fd = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Sys("eventfd", e.into()))?;
+    let fd = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Sys("eventfd", e))?;
     vm.register_irqfd(&fd, gsi)
         .map_err(|e| Error::Kvm("KVM_IRQFD", e))?;
     Ok(fd)

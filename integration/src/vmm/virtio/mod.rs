@@ -55,7 +55,7 @@ impl VirtioInterrupt {
         self.status.fetch_or(bit, Ordering::SeqCst);
         self.irqfd
             .write(1)
-            .map_err(|e| super::error::Error::Sys("irqfd write", e.into()))
+            .map_err(|e| super::error::Error::Sys("irqfd write", e))
     }
 
     /// The `InterruptStatus` register.
