@@ -168,9 +168,16 @@ impl ModelVcpu {
                 stop: None,
             };
             match emulate::execute(&instruction, &mut next, &mut access) {
-                Ok(()) => self.regs.set(next),
+                Ok(()) => {
+                    self.regs.set(next);
+                    // A refused data access retires its instruction (read as all-ones, write
+                    // dropped) before the stop, as a refused MMIO access does on KVM.
+                    if let Some(stop) = access.stop {
+                        return Ok(stop);
+                    }
+                }
                 Err(_) if access.stop.is_some() => {
-                    return Ok(access.stop.unwrap_or(ModelStop::Stopped))
+                    return Ok(access.stop.unwrap_or(ModelStop::Unhandled))
                 }
                 Err(Error::UnsupportedInstruction(_)) => return Ok(ModelStop::Unhandled),
                 Err(e) => return Err(e),
@@ -243,12 +250,17 @@ impl<M: GuestMemory> ModelDataAccess<'_, M> {
     fn exit(&mut self, exit: PermissionExit<'_>, gpa: u64) -> Result<()> {
         match self.handler.handle_exit(self.vcpu, exit)? {
             Decision::Emulated => Ok(()),
-            decision => {
-                self.stop = Some(match decision {
-                    Decision::NotHandled => ModelStop::Unhandled,
-                    Decision::Denied { stop: false } => ModelStop::FaultInjected,
-                    _ => ModelStop::Stopped,
+            Decision::Denied { stop } => {
+                // The manager filled a refused read with all-ones; a refused write is dropped.
+                self.stop = Some(if stop {
+                    ModelStop::Stopped
+                } else {
+                    ModelStop::FaultInjected
                 });
+                Ok(())
+            }
+            decision => {
+                self.stop = Some(ModelStop::Unhandled);
                 Err(Error::GuestMemory {
                     gpa,
                     reason: format!("{decision:?}"),

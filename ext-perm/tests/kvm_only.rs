@@ -11,8 +11,8 @@ use ext_perm::api::SetPermissionsRequest;
 use ext_perm::kvm::guest::STACK_TOP;
 use ext_perm::kvm::{run_vcpu, VcpuStop};
 use ext_perm::{
-    Decision, DenyAction, ExitHandler, GrantPreference, ManagerConfig, PermissionExit, RunGate,
-    VcpuControl, PAGE_SIZE,
+    Decision, DenyAction, ExitHandler, GrantMethod, GrantPreference, ManagerConfig,
+    PermissionEvent, PermissionExit, RunGate, VcpuControl, PAGE_SIZE,
 };
 
 const CODE: u64 = 0x10000;
@@ -52,6 +52,10 @@ fn capability_probe_reports_this_host() {
     protect(&h, DATA + PAGE_SIZE, "rw-");
     // RAM below, the read-only page, (the unbacked page has no slot), RAM above.
     assert_eq!(h.manager.with_backend(|b| b.memslot_count()), 3);
+    // Unprotecting merges the slots again instead of fragmenting RAM.
+    protect(&h, DATA, "rwx");
+    protect(&h, DATA + PAGE_SIZE, "rwx");
+    assert_eq!(h.manager.with_backend(|b| b.memslot_count()), 1);
 }
 
 /// Records, each time a grant is installed, which vCPUs were in guest mode.
@@ -201,4 +205,54 @@ fn denied_write_injects_gp_into_the_guest() {
     // KVM completed the write instruction before the exit, so the fault arrives after it.
     assert_eq!(pushed_rip, CODE + 3);
     assert_eq!(h.read_u64(rsp + 16), 0x8, "CS");
+}
+
+#[test]
+fn straddle_at_cpl3_runs_under_a_grant() {
+    let Some(mut h) = KvmHarness::new("straddle_at_cpl3_runs_under_a_grant", 1, Default::default())
+    else {
+        return;
+    };
+    let caps = h.manager.with_backend(|b| b.capabilities().clone());
+    h.guest.enter_user_mode(0).unwrap();
+    // `mov rax, imm64` straddling into non-executable page B; the next instruction, in B,
+    // must then be refused.
+    let imm = 0x0a0b_0c0d_0e0f_1011u64;
+    let mut code = vec![0x48, 0xb8];
+    code.extend_from_slice(&imm.to_le_bytes());
+    h.write(PAGE_B - 3, &code);
+    protect(&h, PAGE_B, "rw-");
+    let fd = &mut h.guest.vcpus[0];
+    let vcpu = ext_perm::kvm::KvmVcpu::new(fd, 0);
+    vcpu.set_registers(&ext_perm::Registers {
+        rip: PAGE_B - 3,
+        rflags: 2,
+        gprs: [0, 0, 0, 0, STACK_TOP, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    })
+    .unwrap();
+    assert_eq!(vcpu.mode().unwrap().cpl, 3);
+    let stop = run_vcpu(fd, 0, &h.gate, &*h.manager).unwrap();
+    let regs = ext_perm::kvm::KvmVcpu::new(fd, 0).registers().unwrap();
+    assert_eq!(stop, VcpuStop::Denied);
+    assert_eq!(regs.gprs[0], imm, "the straddling mov did not run");
+    assert_eq!(regs.rip, PAGE_B + 7);
+    let grants: Vec<_> = h
+        .control()
+        .events(0)
+        .events
+        .into_iter()
+        .filter_map(|e| match e {
+            PermissionEvent::Grant(g) => Some(g),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(grants.len(), 1);
+    // PVM runs CPL3 code natively and cannot single-step it: the grant is emulated there.
+    let expected = if caps.single_step_user_mode {
+        GrantMethod::SingleStep
+    } else {
+        GrantMethod::Emulation
+    };
+    assert_eq!(grants[0].method, expected);
+    assert!(grants[0].straddle && grants[0].retired);
 }

@@ -75,6 +75,7 @@ pub fn run_vcpu(
                 })
             }
         };
+        let data_exit = matches!(pending, Pending::Read(..) | Pending::Write(..));
         let decision = match pending {
             Pending::Read(gpa, len) => {
                 let mut data = [0u8; 8];
@@ -110,8 +111,32 @@ pub fn run_vcpu(
         };
         match decision {
             Decision::NotHandled => return Ok(VcpuStop::Unhandled(format!("{decision:?}"))),
-            Decision::Denied { stop: true } => return Ok(VcpuStop::Denied),
+            Decision::Denied { stop: true } => {
+                if data_exit {
+                    finish_pending_mmio(fd)?;
+                }
+                return Ok(VcpuStop::Denied);
+            }
             _ => {}
         }
+    }
+}
+
+/// Lets KVM finish the instruction of a refused MMIO access (the read gets the all-ones the
+/// handler put in the buffer; the write is already dropped) without running the guest any
+/// further: `KVM_RUN` with `immediate_exit` completes pending I/O and returns `EINTR`. KVM's
+/// API documentation requires this before guest state is consistent; without it, the next
+/// run after `KVM_SET_REGS` would still finish the old instruction.
+fn finish_pending_mmio(fd: &mut VcpuFd) -> Result<()> {
+    fd.set_kvm_immediate_exit(1);
+    let result = fd.run().map(|_| ());
+    fd.set_kvm_immediate_exit(0);
+    match result {
+        Err(e) if e.errno() == libc::EINTR => Ok(()),
+        Ok(()) => Ok(()),
+        Err(source) => Err(Error::Kvm {
+            operation: "KVM_RUN (immediate_exit)",
+            source,
+        }),
     }
 }

@@ -68,7 +68,14 @@ impl TestGuest {
                 })?,
         );
         write_page_tables(&memory)?;
-        let gdt: [u64; 3] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
+        // Null, kernel code (0x08), kernel data (0x10), user code (0x1b), user data (0x23).
+        let gdt: [u64; 5] = [
+            0,
+            0x00af_9b00_0000_ffff,
+            0x00cf_9300_0000_ffff,
+            0x00af_fb00_0000_ffff,
+            0x00cf_f300_0000_ffff,
+        ];
         for (i, entry) in gdt.iter().enumerate() {
             let gpa = GDT_GPA + 8 * i as u64;
             memory
@@ -107,6 +114,29 @@ impl TestGuest {
             .map_err(memory_error(gpa))
     }
 
+    /// Puts vCPU `index` at CPL3 (user code and stack segments). Its RFLAGS should carry
+    /// IOPL 3 if the code talks to the test with `out`.
+    pub fn enter_user_mode(&self, index: usize) -> Result<()> {
+        let vcpu = self
+            .vcpus
+            .get(index)
+            .ok_or(Error::Untranslated(index as u64))?;
+        let mut sregs = vcpu.get_sregs().map_err(kvm_error("KVM_GET_SREGS"))?;
+        sregs.cs.selector = 0x1b;
+        sregs.cs.dpl = 3;
+        for segment in [
+            &mut sregs.ss,
+            &mut sregs.ds,
+            &mut sregs.es,
+            &mut sregs.fs,
+            &mut sregs.gs,
+        ] {
+            segment.selector = 0x23;
+            segment.dpl = 3;
+        }
+        vcpu.set_sregs(&sregs).map_err(kvm_error("KVM_SET_SREGS"))
+    }
+
     /// Points exception `vector` at 64-bit code at `handler` (CPL0, no IST).
     pub fn set_exception_handler(&self, vector: u8, handler: u64) -> Result<()> {
         let low = (handler & 0xffff)
@@ -134,7 +164,9 @@ impl TestGuest {
 /// Identity map of all of guest RAM with 4 KiB pages (4 KiB so that permissions and guest
 /// pages have the same granularity).
 fn write_page_tables(memory: &GuestMemoryMmap) -> Result<()> {
-    let present_rw = 0x3u64;
+    // Present, writable, user: the same tables serve CPL0 and CPL3 code (CR4 has no
+    // SMEP/SMAP).
+    let present_rw = 0x7u64;
     let pdpt = PML4_GPA + PAGE_SIZE;
     let pd = pdpt + PAGE_SIZE;
     let first_pt = pd + PAGE_SIZE;
@@ -186,7 +218,7 @@ fn long_mode_sregs(sregs: &mut kvm_sregs) {
     sregs.gs = data;
     sregs.ss = data;
     sregs.gdt.base = GDT_GPA;
-    sregs.gdt.limit = 23;
+    sregs.gdt.limit = 39;
     sregs.idt.base = IDT_GPA;
     sregs.idt.limit = 16 * 256 - 1;
     sregs.cr3 = PML4_GPA;

@@ -245,6 +245,29 @@ impl KvmMemslotBackend {
         self.installed.set(gfns, kind.as_permissions())
     }
 
+    /// Merges the slot ending at `gfn` with the one starting there when both have the same
+    /// kind and lie in the same RAM region, so that protecting and unprotecting pages does
+    /// not fragment RAM into ever more memslots. Only the control path calls it: grants and
+    /// revokes stay at one ioctl each.
+    fn coalesce_at(&mut self, gfn: u64) -> Result<()> {
+        let Some(&right) = self.slots.get(&gfn) else {
+            return Ok(());
+        };
+        let Some((&left_start, &left)) = self.slots.range(..gfn).next_back() else {
+            return Ok(());
+        };
+        let same_region = self
+            .regions
+            .iter()
+            .any(|r| r.start_gfn <= left_start && right.end_gfn <= r.end_gfn);
+        if left.end_gfn != gfn || left.kind != right.kind || !same_region {
+            return Ok(());
+        }
+        self.delete_slot(gfn)?;
+        self.delete_slot(left_start)?;
+        self.create_slots(left_start..right.end_gfn, left.kind)
+    }
+
     fn kind_runs(&self, gfns: Range<u64>) -> Vec<(Range<u64>, SlotKind)> {
         self.installed
             .runs(gfns)
@@ -292,6 +315,8 @@ impl EnforcementBackend for KvmMemslotBackend {
                 let current = self.kind_runs(run.start_gfn..run.end_gfn);
                 if current.iter().any(|(_, kind)| *kind != wanted) {
                     self.install(run.start_gfn..run.end_gfn, wanted)?;
+                    self.coalesce_at(run.start_gfn)?;
+                    self.coalesce_at(run.end_gfn)?;
                 }
             }
         }
