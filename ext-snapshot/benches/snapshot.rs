@@ -1,0 +1,114 @@
+//! Criterion benchmarks at small sizes: the zero check, the writer and the reader/restorers.
+//! `ext-snapshot bench` measures the full-size scenarios against the baselines.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use ext_snapshot::bench::baseline::{dense_dump, holes_only_copy};
+use ext_snapshot::bench::workload::{fill, memfd_memory, Scenario};
+use ext_snapshot::restore::lazy::restore_lazy;
+use ext_snapshot::restore::mapped::{restore_mapped, MappedOptions};
+use ext_snapshot::{
+    fresh_memory, is_zero_page, restore_eager, EagerOptions, SnapshotFile, SnapshotWriter,
+    WriteOptions,
+};
+
+const SIZE: u64 = 64 << 20;
+
+fn zero_check(c: &mut Criterion) {
+    let mut buffer = vec![1u8; 16 << 20];
+    buffer.fill(0);
+    let mut group = c.benchmark_group("zero_check");
+    group.throughput(Throughput::Bytes(buffer.len() as u64));
+    group.bench_function("16MiB_zero_pages", |b| {
+        b.iter(|| {
+            buffer
+                .chunks_exact(4096)
+                .filter(|p| is_zero_page(std::hint::black_box(p)))
+                .count()
+        })
+    });
+    group.finish();
+}
+
+fn scenarios() -> [(&'static str, Scenario); 3] {
+    [
+        ("sparse_5pct", Scenario::SparseData { percent: 5 }),
+        ("zero_50pct", Scenario::PopulatedZeros { zero_percent: 50 }),
+        ("random", Scenario::Random),
+    ]
+}
+
+fn writers(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let mut group = c.benchmark_group("write_64MiB");
+    group.sample_size(10);
+    group.throughput(Throughput::Bytes(SIZE));
+    for (name, scenario) in scenarios() {
+        let memory = memfd_memory(SIZE).expect("memfd memory");
+        fill(&memory, SIZE, scenario, 1).expect("fill");
+        let out = dir.path().join("out");
+        group.bench_with_input(BenchmarkId::new("ours", name), &memory, |b, m| {
+            b.iter(|| {
+                SnapshotWriter::new(WriteOptions::default())
+                    .write_file(m, &out)
+                    .expect("write")
+            })
+        });
+        group.bench_with_input(BenchmarkId::new("holes_only", name), &memory, |b, m| {
+            b.iter(|| holes_only_copy(m, &out, false).expect("holes-only copy"))
+        });
+        group.bench_with_input(BenchmarkId::new("dense", name), &memory, |b, m| {
+            b.iter(|| dense_dump(m, &out, false).expect("dense dump"))
+        });
+    }
+    group.finish();
+}
+
+fn readers(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let mut group = c.benchmark_group("read_64MiB");
+    group.sample_size(10);
+    for (name, scenario) in scenarios() {
+        let memory = memfd_memory(SIZE).expect("memfd memory");
+        fill(&memory, SIZE, scenario, 2).expect("fill");
+        let path = dir.path().join(format!("{name}.snap"));
+        SnapshotWriter::new(WriteOptions::default())
+            .write_file(&memory, &path)
+            .expect("write");
+        drop(memory);
+        group.bench_function(BenchmarkId::new("open_and_verify", name), |b| {
+            b.iter(|| {
+                let snapshot = SnapshotFile::open(&path).expect("open");
+                snapshot.verify_data().expect("verify");
+            })
+        });
+        group.bench_function(BenchmarkId::new("eager_restore", name), |b| {
+            b.iter(|| {
+                let snapshot = SnapshotFile::open(&path).expect("open");
+                let target = fresh_memory(&snapshot.layout()).expect("memory");
+                restore_eager(&snapshot, &target, EagerOptions::default()).expect("restore")
+            })
+        });
+        group.bench_function(BenchmarkId::new("mapped_setup", name), |b| {
+            b.iter(|| restore_mapped(&path, MappedOptions::default()).expect("mapped"))
+        });
+        group.bench_function(BenchmarkId::new("lazy_setup", name), |b| {
+            b.iter(|| restore_lazy(&path).expect("lazy").finish().expect("finish"))
+        });
+    }
+    group.finish();
+}
+
+/// Short warm-up and measurement: the machine is shared, and the full-size comparison is
+/// `ext-snapshot bench`'s job.
+fn config() -> Criterion {
+    Criterion::default()
+        .warm_up_time(std::time::Duration::from_millis(300))
+        .measurement_time(std::time::Duration::from_secs(1))
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = zero_check, writers, readers
+}
+criterion_main!(benches);
