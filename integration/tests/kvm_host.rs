@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use integration::api::{VmState, VmmBackend};
 use integration::vmm::bus::{Bus, BusDevice};
+use integration::vmm::config::{SerialOutput, VmConfig};
 use integration::vmm::cpu;
 use integration::vmm::devices::legacy::AcpiPm;
 use integration::vmm::devices::serial::SerialDevice;
@@ -22,6 +24,7 @@ use integration::vmm::vcpu::{self, Vcpu, VcpuControl, VcpuCounters, VcpuStop};
 use integration::vmm::virtio::console::Console;
 use integration::vmm::virtio::mmio::{MmioTransport, MMIO_MAGIC_VALUE, MMIO_VERSION};
 use integration::vmm::virtio::VirtioInterrupt;
+use integration::vmm::Vmm;
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -192,7 +195,9 @@ fn guest_output_on_com1_comes_out_of_the_serial_device() {
     }
     let output = SharedBuffer::default();
     let irq = IrqTrigger(EventFd::new(0).unwrap());
-    let serial = Arc::new(Mutex::new(SerialDevice::new(irq, Box::new(output.clone()))));
+    let serial = Arc::new(Mutex::new(
+        SerialDevice::new(irq, Box::new(output.clone())).unwrap(),
+    ));
     let mut pio = Bus::new();
     pio.insert(serial.clone(), 0x3f8, 8).unwrap();
     let mut code = mov_dx(0x3f8);
@@ -335,5 +340,156 @@ fn pause_parks_a_busy_vcpu_and_resume_restarts_it() {
         count.load(Ordering::SeqCst),
         stopped_at,
         "a stopped vCPU ran"
+    );
+}
+
+/// A minimal ELF64 "kernel" with a Xen PVH entry note whose code is `code`, loaded at 1 MiB.
+fn pvh_elf(code: &[u8]) -> Vec<u8> {
+    const LOAD_ADDR: u64 = 0x10_0000;
+    const CODE_OFFSET: u64 = 0x200;
+    let note_offset = 64 + 2 * 56;
+    let mut elf = Vec::new();
+    elf.extend_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&LOAD_ADDR.to_le_bytes()); // e_entry
+    elf.extend_from_slice(&64u64.to_le_bytes()); // e_phoff
+    elf.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+    elf.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+    for half in [64u16, 56, 2, 64, 0, 0] {
+        elf.extend_from_slice(&half.to_le_bytes());
+    }
+    let phdr = |elf: &mut Vec<u8>, kind: u32, offset: u64, addr: u64, size: u64| {
+        elf.extend_from_slice(&kind.to_le_bytes());
+        elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
+        for field in [offset, addr, addr, size, size, 0x1000] {
+            elf.extend_from_slice(&field.to_le_bytes());
+        }
+    };
+    phdr(&mut elf, 1, CODE_OFFSET, LOAD_ADDR, code.len() as u64); // PT_LOAD
+    phdr(&mut elf, 4, note_offset, 0, 20); // PT_NOTE
+                                           // XEN_ELFNOTE_PHYS32_ENTRY (18), name "Xen", 32-bit entry point.
+    for word in [4u32, 4, 18] {
+        elf.extend_from_slice(&word.to_le_bytes());
+    }
+    elf.extend_from_slice(b"Xen\0");
+    elf.extend_from_slice(&(LOAD_ADDR as u32).to_le_bytes());
+    elf.resize(CODE_OFFSET as usize, 0);
+    elf.extend_from_slice(code);
+    elf
+}
+
+fn write_temp(dir: &tempfile::TempDir, name: &str, bytes: &[u8]) -> std::path::PathBuf {
+    let path = dir.path().join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+/// Guest: checks the PVH start-info magic at `rbx`, prints "OK" and the first byte of the
+/// command line on COM1, then `tail` (which must not return).
+fn pvh_probe_code(tail: &[u8]) -> Vec<u8> {
+    let mut code = vec![0x81, 0x3b]; // cmp dword [ebx], imm32
+    code.extend_from_slice(&0x336e_c578u32.to_le_bytes());
+    code.extend(mov_dx(0x3f8));
+    code.extend([0x75, 0x0d]); // jne bad (skips the 13 bytes below)
+    code.extend(mov_al(b'O'));
+    code.push(OUT_DX_AL);
+    code.extend(mov_al(b'K'));
+    code.push(OUT_DX_AL);
+    code.extend([0x8b, 0x73, 0x18]); // mov esi, [ebx + 24]  (cmdline_paddr)
+    code.extend([0x8a, 0x06]); // mov al, [esi]
+    code.extend([0xeb, 0x02]); // jmp out
+    code.extend(mov_al(b'!')); // bad:
+    code.push(OUT_DX_AL); // out:
+    code.extend(mov_al(b'\n'));
+    code.push(OUT_DX_AL);
+    code.extend_from_slice(tail);
+    code
+}
+
+fn vmm_config(dir: &tempfile::TempDir, code: &[u8]) -> VmConfig {
+    let mut config = VmConfig::new(write_temp(dir, "vmlinux", &pvh_elf(code)));
+    config.initramfs = Some(write_temp(dir, "initramfs", &[0x5a; 8192]));
+    config.cmdline = "e2e console=ttyS0".into();
+    config.memory_size = 64 << 20;
+    config.memory_shared = true;
+    config.serial = SerialOutput::File(dir.path().join("serial.out"));
+    config
+}
+
+#[test]
+fn vmm_boots_a_pvh_kernel_and_exits_on_acpi_power_off() {
+    if !kvm_available("vmm_boots_a_pvh_kernel_and_exits_on_acpi_power_off") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // After the probe: S5 through the ACPI sleep control register, then halt.
+    let mut tail = mov_dx(0x3c0);
+    tail.extend(mov_al(0x34));
+    tail.push(OUT_DX_AL);
+    tail.extend([HLT, 0xeb, 0xfd]);
+    let config = vmm_config(&dir, &pvh_probe_code(&tail));
+    let vmm = Vmm::new(config).unwrap();
+    assert_eq!(vmm.state(), VmState::Created);
+    vmm.boot().unwrap();
+    assert_eq!(vmm.run_until_exit().unwrap(), ExitReason::PowerOff);
+    assert_eq!(vmm.state(), VmState::Shutdown);
+    let serial = std::fs::read(dir.path().join("serial.out")).unwrap();
+    assert_eq!(serial, b"OKe\n");
+    let counters = vmm.vm_counters().unwrap();
+    assert_eq!(counters["serial"]["tx_bytes"], 4);
+    assert!(counters["vcpu0"]["io_out"] >= 5);
+    assert!(counters.contains_key("virtio-console0"));
+}
+
+#[test]
+fn vmm_backend_pauses_resumes_and_shuts_down_a_running_guest() {
+    if !kvm_available("vmm_backend_pauses_resumes_and_shuts_down_a_running_guest") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // After the probe: write to an unclaimed port forever, so vCPU exits keep coming.
+    let mut tail = mov_dx(0x510);
+    tail.push(OUT_DX_AL);
+    tail.extend([0xeb, 0xfd]);
+    let config = vmm_config(&dir, &pvh_probe_code(&tail));
+    let vmm = Arc::new(Vmm::new(config).unwrap());
+    vmm.boot().unwrap();
+    let main_loop = {
+        let vmm = vmm.clone();
+        std::thread::spawn(move || vmm.run_until_exit())
+    };
+    let backend: Arc<dyn VmmBackend> = vmm.clone();
+    let io_out = |backend: &Arc<dyn VmmBackend>| backend.vm_counters().unwrap()["vcpu0"]["io_out"];
+    assert!(wait_for(|| io_out(&backend) > 100), "guest never ran");
+    assert!(
+        backend.vm_resume().is_err(),
+        "resume of a running VM must fail"
+    );
+
+    backend.vm_pause().unwrap();
+    assert_eq!(backend.vm_info().unwrap().state, VmState::Paused);
+    let paused_at = io_out(&backend);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(io_out(&backend), paused_at, "a paused guest made exits");
+    assert_eq!(backend.vm_pause().unwrap_err().status, 405);
+
+    backend.vm_resume().unwrap();
+    assert_eq!(backend.vm_info().unwrap().state, VmState::Running);
+    assert!(wait_for(|| io_out(&backend) > paused_at + 100));
+
+    backend.vm_shutdown().unwrap();
+    assert_eq!(backend.vm_info().unwrap().state, VmState::Shutdown);
+    assert_eq!(main_loop.join().unwrap().unwrap(), ExitReason::Requested);
+    let info = backend.vm_info().unwrap();
+    assert_eq!(info.memory_actual_size, 64 << 20);
+    assert_eq!(info.config["memory"]["shared"], true);
+    assert!(backend.vm_shutdown().is_err());
+    backend.vmm_shutdown().unwrap();
+    vmm.wait_for_vmm_shutdown();
+    assert_eq!(
+        std::fs::read(dir.path().join("serial.out")).unwrap(),
+        b"OKe\n"
     );
 }

@@ -11,7 +11,7 @@ use linux_loader::loader::elf::start_info::{
 };
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{load_cmdline, KernelLoader};
-use vm_memory::{Address, GuestAddress, GuestMemory, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap};
 
 use super::config::VmConfig;
 use super::error::{Error, Result};
@@ -86,7 +86,8 @@ pub fn load_pvh(
             )))
         }
     };
-    let kernel_end = loaded.kernel_load.raw_value() + loaded.kernel_end;
+    // `kernel_end` is the absolute end of the highest loaded segment.
+    let kernel_end = loaded.kernel_end;
 
     let mut start_info = hvm_start_info {
         magic: XEN_HVM_START_MAGIC,

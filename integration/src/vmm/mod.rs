@@ -138,7 +138,9 @@ impl Vmm {
             EventManager::new().map_err(|e| Error::Sys("epoll", io_error(e)))?;
         manager.add_subscriber(Box::new(ExitWatcher(self.exit.clone())));
         if self.config.serial == SerialOutput::Tty && devices::serial::stdin_is_pollable() {
-            manager.add_subscriber(Box::new(SerialInput::new(self.serial.clone())));
+            let input = SerialInput::new(self.serial.clone())
+                .map_err(|e| Error::Sys("serial input eventfd", e))?;
+            manager.add_subscriber(Box::new(input));
         }
         let reason = loop {
             if let Some(reason) = self.exit.reason() {

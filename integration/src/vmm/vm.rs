@@ -129,10 +129,13 @@ impl Vm {
         let exit = Arc::new(ExitEvent::new()?);
 
         let mut pio = Bus::new();
-        let serial = Arc::new(Mutex::new(SerialDevice::new(
-            IrqTrigger(irqfd(&fd, COM1_GSI)?),
-            console_writer(&config.serial)?,
-        )));
+        let serial = Arc::new(Mutex::new(
+            SerialDevice::new(
+                IrqTrigger(irqfd(&fd, COM1_GSI)?),
+                console_writer(&config.serial)?,
+            )
+            .map_err(|e| Error::Sys("serial eventfd", e))?,
+        ));
         let serial_counters = serial.lock().unwrap_or_else(|p| p.into_inner()).counters();
         pio.insert(serial.clone(), u64::from(COM1_PORT), 8)?;
         let i8042 = I8042(I8042Device::new(ResetTrigger(exit.clone())));

@@ -7,8 +7,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use vm_superio::serial::NoEvents;
+use std::collections::VecDeque;
+
+use vm_superio::serial::SerialEvents;
 use vm_superio::Serial;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::IrqTrigger;
 use crate::vmm::bus::BusDevice;
@@ -43,24 +46,43 @@ impl Write for CountingWriter {
     }
 }
 
+/// Signals when the guest has drained the receive FIFO, so held-back input can follow.
+pub struct InputRoom(EventFd);
+
+impl SerialEvents for InputRoom {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {}
+    fn in_buffer_empty(&self) {
+        // A failed write only delays input until the next stdin event.
+        let _ = self.0.write(1);
+    }
+}
+
 /// The 16550 UART.
 pub struct SerialDevice {
-    serial: Serial<IrqTrigger, NoEvents, CountingWriter>,
+    serial: Serial<IrqTrigger, InputRoom, CountingWriter>,
     counters: Arc<SerialCounters>,
 }
 
 impl SerialDevice {
     /// A UART that raises `irq` and writes the guest's output to `out`.
-    pub fn new(irq: IrqTrigger, out: Box<dyn Write + Send>) -> Self {
+    pub fn new(irq: IrqTrigger, out: Box<dyn Write + Send>) -> io::Result<Self> {
         let counters = Arc::new(SerialCounters::default());
         let writer = CountingWriter {
             inner: out,
             counters: counters.clone(),
         };
-        SerialDevice {
-            serial: Serial::new(irq, writer),
+        let room = InputRoom(EventFd::new(EFD_NONBLOCK)?);
+        Ok(SerialDevice {
+            serial: Serial::with_events(irq, room, writer),
             counters,
-        }
+        })
+    }
+
+    /// An eventfd that fires whenever the guest empties the receive FIFO.
+    pub fn input_room_event(&self) -> io::Result<EventFd> {
+        self.serial.events().0.try_clone()
     }
 
     /// The counters for `vm.counters`.
@@ -105,52 +127,102 @@ impl BusDevice for SerialDevice {
     }
 }
 
-/// Feeds stdin to the serial port from the main event loop.
+/// Most host input held back while the guest's receive FIFO is full; beyond it, stdin is not
+/// read until the guest catches up (the pipe or tty buffers the rest).
+const MAX_PENDING_INPUT: usize = 4096;
+
+/// Feeds stdin to the serial port from the main event loop, holding input back while the
+/// 64-byte receive FIFO is full and resuming when the guest drains it.
 pub struct SerialInput {
     serial: Arc<Mutex<SerialDevice>>,
+    room: EventFd,
+    pending: VecDeque<u8>,
+    stdin_open: bool,
+    stdin_watched: bool,
 }
 
 impl SerialInput {
     /// Forwards stdin to `serial`.
-    pub fn new(serial: Arc<Mutex<SerialDevice>>) -> Self {
-        SerialInput { serial }
+    pub fn new(serial: Arc<Mutex<SerialDevice>>) -> io::Result<Self> {
+        let room = serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .input_room_event()?;
+        Ok(SerialInput {
+            serial,
+            room,
+            pending: VecDeque::new(),
+            stdin_open: true,
+            stdin_watched: false,
+        })
+    }
+
+    fn flush(&mut self) {
+        let mut serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+        while !self.pending.is_empty() {
+            let (front, _) = self.pending.as_slices();
+            let taken = serial.enqueue_input(front);
+            if taken == 0 {
+                break;
+            }
+            self.pending.drain(..taken);
+        }
+    }
+
+    /// Watches stdin only while there is room to hold what it delivers.
+    fn update_interest(&mut self, ops: &mut EventOps) {
+        let stdin = io::stdin().as_raw_fd();
+        let want = self.stdin_open && self.pending.len() < MAX_PENDING_INPUT;
+        if want != self.stdin_watched {
+            let set = if want {
+                EventSet::IN
+            } else {
+                EventSet::empty()
+            };
+            match ops.modify(Events::new(&stdin, set)) {
+                Ok(()) => self.stdin_watched = want,
+                Err(e) => tracing::warn!("serial input: cannot update stdin interest: {e:?}"),
+            }
+        }
     }
 }
 
 impl MutEventSubscriber for SerialInput {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&io::stdin().as_raw_fd(), EventSet::IN)) {
-            tracing::warn!("serial input from stdin unavailable: {e:?}");
+        if let Err(e) = ops.add(Events::new(&self.room, EventSet::IN)) {
+            tracing::warn!("serial input: cannot watch the receive FIFO: {e:?}");
+        }
+        match ops.add(Events::new(&io::stdin().as_raw_fd(), EventSet::IN)) {
+            Ok(()) => self.stdin_watched = true,
+            Err(e) => {
+                tracing::warn!("serial input from stdin unavailable: {e:?}");
+                self.stdin_open = false;
+            }
         }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let mut buf = [0u8; 64];
-        let n = if events.event_set().contains(EventSet::IN) {
-            read_stdin(&mut buf)
+        if events.fd() == self.room.as_raw_fd() {
+            let _ = self.room.read();
+        } else if events.event_set().contains(EventSet::IN) {
+            let mut buf = [0u8; 256];
+            let n = read_stdin(&mut buf);
+            if n == 0 {
+                // EOF: what is pending still goes to the guest.
+                self.stdin_open = false;
+                let _ = ops.remove(Events::empty(&io::stdin().as_raw_fd()));
+                self.stdin_watched = false;
+            }
+            self.pending.extend(&buf[..n]);
         } else {
-            0
-        };
-        if n == 0 {
-            // EOF or hang-up: stop polling, or epoll would report it forever.
-            let _ = ops.remove(events);
-            return;
+            // Hang-up or error without data.
+            self.stdin_open = false;
+            let _ = ops.remove(Events::empty(&io::stdin().as_raw_fd()));
+            self.stdin_watched = false;
         }
-        let mut serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
-        let taken = serial.enqueue_input(&buf[..n]);
-        if taken < n {
-            tracing::debug!("serial FIFO full: {} input bytes dropped", n - taken);
-        }
+        self.flush();
+        self.update_interest(ops);
     }
-}
-
-/// Reads what stdin has right now without std's buffering, which would hide pending bytes
-/// from epoll.
-fn read_stdin(buf: &mut [u8]) -> usize {
-    // SAFETY: fd 0 stays open for the life of the process and `buf` is valid for `buf.len()`
-    // bytes of writes.
-    let n = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
-    usize::try_from(n).unwrap_or(0)
 }
 
 /// True when stdin is a terminal, pipe or socket: the kinds epoll can watch. (A regular file or
@@ -166,4 +238,41 @@ pub fn stdin_is_pollable() -> bool {
     // SAFETY: isatty only inspects the descriptor.
     let tty = unsafe { libc::isatty(libc::STDIN_FILENO) } == 1;
     tty || kind == libc::S_IFIFO || kind == libc::S_IFSOCK
+}
+
+/// Reads what stdin has right now without std's buffering, which would hide pending bytes
+/// from epoll.
+fn read_stdin(buf: &mut [u8]) -> usize {
+    // SAFETY: fd 0 stays open for the life of the process and `buf` is valid for `buf.len()`
+    // bytes of writes.
+    let n = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
+    usize::try_from(n).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn input_waits_for_fifo_room_and_room_is_signalled() {
+        let irq = IrqTrigger(EventFd::new(EFD_NONBLOCK).unwrap());
+        let mut device = SerialDevice::new(irq, Box::new(io::sink())).unwrap();
+        let room = device.input_room_event().unwrap();
+        let input: Vec<u8> = (0..200u8).collect();
+        let first = device.enqueue_input(&input);
+        assert!(first > 0 && first < input.len(), "FIFO took {first}");
+        assert_eq!(device.enqueue_input(&input[first..]), 0);
+        assert!(room.read().is_err(), "room signalled before the guest read");
+        let mut byte = [0u8];
+        for expected in 0..first {
+            device.read(0, &mut byte);
+            assert_eq!(usize::from(byte[0]), expected);
+        }
+        assert_eq!(room.read().unwrap(), 1);
+        assert!(device.enqueue_input(&input[first..]) > 0);
+        assert_eq!(
+            device.counters().rx_bytes.load(Ordering::Relaxed) as usize,
+            first + first.min(input.len() - first)
+        );
+    }
 }

@@ -106,7 +106,8 @@ impl Block {
                 let mut status_code = STATUS_OK;
                 for desc in data {
                     let len = desc.len().min(MAX_SEGMENT);
-                    if offset + u64::from(len) > capacity
+                    let end = offset.checked_add(u64::from(len));
+                    if end.is_none_or(|end| end > capacity)
                         || (request_type == REQUEST_IN) != desc.is_write_only()
                         || (request_type == REQUEST_OUT && self.readonly)
                     {
