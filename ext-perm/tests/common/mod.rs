@@ -77,6 +77,13 @@ impl ModelHarness {
     }
 }
 
+impl ModelHarness {
+    /// The manager itself, for calls outside the REST surface.
+    pub fn manager(&self) -> &PermissionManager<SoftwareModel, GuestMemoryMmap> {
+        &self.manager
+    }
+}
+
 impl Harness for ModelHarness {
     fn name(&self) -> &'static str {
         "software-model"
