@@ -36,6 +36,10 @@ pub struct CpuMode {
     pub bitness: u32,
     /// Whether paging is on (otherwise GVA = GPA, modulo segmentation).
     pub paging: bool,
+    /// CR3 when the vCPU uses 4-level long-mode paging: `ext-perm` then walks the guest page
+    /// tables itself instead of asking the hypervisor (`KVM_TRANSLATE` costs an ioctl per
+    /// page). `None` for every other paging mode.
+    pub long_mode_cr3: Option<u64>,
 }
 
 /// vCPU operations the exit handler uses.

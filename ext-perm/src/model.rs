@@ -213,6 +213,7 @@ impl VcpuControl for ModelVcpu {
             cpl: self.cpl,
             bitness: 64,
             paging: false,
+            long_mode_cr3: None,
         })
     }
 

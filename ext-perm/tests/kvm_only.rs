@@ -256,3 +256,24 @@ fn straddle_at_cpl3_runs_under_a_grant() {
     assert_eq!(grants[0].method, expected);
     assert!(grants[0].straddle && grants[0].retired);
 }
+
+#[test]
+fn software_page_walk_agrees_with_kvm_translate() {
+    let Some(h) = KvmHarness::new(
+        "software_page_walk_agrees_with_kvm_translate",
+        1,
+        Default::default(),
+    ) else {
+        return;
+    };
+    let vcpu = ext_perm::kvm::KvmVcpu::new(&h.guest.vcpus[0], 0);
+    let mode = vcpu.mode().unwrap();
+    let cr3 = mode
+        .long_mode_cr3
+        .expect("the fixture runs in 4-level long mode");
+    for gva in [0, 0x10000, 0x31000 - 3, 0x1f_ffff, 0x20_0000, 1 << 39] {
+        let by_kvm = vcpu.translate(gva).unwrap();
+        let by_walk = ext_perm::decode::walk_long_mode(&*h.guest.memory, cr3, gva);
+        assert_eq!(by_walk, by_kvm, "gva {gva:#x}");
+    }
+}

@@ -4,7 +4,10 @@
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
-use super::vcpu::{complete_mmio_read, internal_error_suberror, KvmVcpu};
+use super::vcpu::{
+    complete_mmio_read, discard_pending_sync_regs, enable_sync_regs, internal_error_suberror,
+    KvmSyncVcpu,
+};
 use crate::error::{Error, Result};
 use crate::hold::RunGate;
 use crate::manager::{Decision, ExitHandler, PermissionExit};
@@ -35,7 +38,21 @@ enum Pending {
 }
 
 /// Runs `fd` (vCPU `id`) until an exit that is not a resumed permission exit.
+///
+/// Uses `KVM_CAP_SYNC_REGS` (x86, Linux 4.17+) so that a decision needs no register ioctls.
 pub fn run_vcpu(
+    fd: &mut VcpuFd,
+    id: u32,
+    gate: &RunGate,
+    handler: &dyn ExitHandler,
+) -> Result<VcpuStop> {
+    enable_sync_regs(fd);
+    let stop = run_loop(fd, id, gate, handler);
+    discard_pending_sync_regs(fd);
+    stop
+}
+
+fn run_loop(
     fd: &mut VcpuFd,
     id: u32,
     gate: &RunGate,
@@ -83,7 +100,7 @@ pub fn run_vcpu(
                     gpa,
                     data: &mut data[..len],
                 };
-                let decision = handler.handle_exit(&KvmVcpu::new(fd, id), exit)?;
+                let decision = handler.handle_exit(&KvmSyncVcpu::new(fd, id), exit)?;
                 if decision != Decision::NotHandled {
                     complete_mmio_read(fd, &data[..len]);
                 }
@@ -94,12 +111,12 @@ pub fn run_vcpu(
                     gpa,
                     data: &data[..len],
                 };
-                handler.handle_exit(&KvmVcpu::new(fd, id), exit)?
+                handler.handle_exit(&KvmSyncVcpu::new(fd, id), exit)?
             }
             Pending::Internal => {
                 let suberror = internal_error_suberror(fd).unwrap_or(0);
                 let exit = PermissionExit::InternalError { suberror };
-                let decision = handler.handle_exit(&KvmVcpu::new(fd, id), exit)?;
+                let decision = handler.handle_exit(&KvmSyncVcpu::new(fd, id), exit)?;
                 if decision == Decision::NotHandled {
                     return Ok(VcpuStop::Unhandled(format!(
                         "internal error, suberror {suberror}"
@@ -107,7 +124,9 @@ pub fn run_vcpu(
                 }
                 decision
             }
-            Pending::Debug => handler.handle_exit(&KvmVcpu::new(fd, id), PermissionExit::Debug)?,
+            Pending::Debug => {
+                handler.handle_exit(&KvmSyncVcpu::new(fd, id), PermissionExit::Debug)?
+            }
         };
         match decision {
             Decision::NotHandled => return Ok(VcpuStop::Unhandled(format!("{decision:?}"))),

@@ -11,4 +11,7 @@ mod vcpu;
 pub use caps::{probe_and_configure, CapabilityReport, KVM_X86_QUIRK_SLOT_ZAP_ALL};
 pub use exit_loop::{run_vcpu, VcpuStop};
 pub use memslots::KvmMemslotBackend;
-pub use vcpu::{complete_mmio_read, internal_error_suberror, KvmVcpu};
+pub use vcpu::{
+    complete_mmio_read, discard_pending_sync_regs, enable_sync_regs, internal_error_suberror,
+    KvmSyncVcpu, KvmVcpu,
+};

@@ -197,7 +197,7 @@ impl<M: GuestMemory> ViewChecked<'_, M> {
         while done < len {
             let at = gva + done as u64;
             let chunk = ((PAGE_SIZE - at % PAGE_SIZE) as usize).min(len - done);
-            let gpa = translate(self.vcpu, self.mode, at)?;
+            let gpa = translate(self.vcpu, self.memory, self.mode, at)?;
             if !self
                 .table
                 .permissions_for(self.vcpu.id(), gfn_of(gpa))
