@@ -1,12 +1,12 @@
 //! [`VcpuControl`] for `kvm_ioctls::VcpuFd`, and the translation of KVM exits into
-//! [`PermissionExit`]s.
+//! [`crate::PermissionExit`]s.
 
-use kvm_bindings::{
-    kvm_guest_debug, kvm_regs, KVM_EXIT_INTERNAL_ERROR, KVM_GUESTDBG_ENABLE,
-    KVM_GUESTDBG_SINGLESTEP,
-};
 use std::cell::RefCell;
 
+use kvm_bindings::{
+    kvm_guest_debug, kvm_regs, KVM_EXIT_INTERNAL_ERROR, KVM_GUESTDBG_BLOCKIRQ, KVM_GUESTDBG_ENABLE,
+    KVM_GUESTDBG_SINGLESTEP,
+};
 use kvm_ioctls::{SyncReg, VcpuFd};
 
 use crate::error::{Error, Result};
@@ -94,16 +94,23 @@ impl VcpuControl for KvmVcpu<'_> {
     }
 
     fn set_single_step(&self, enabled: bool) -> Result<()> {
-        let debug = kvm_guest_debug {
-            control: if enabled {
-                KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP
-            } else {
-                0
-            },
+        let with = |control: u32| kvm_guest_debug {
+            control,
             ..Default::default()
         };
+        if !enabled {
+            return self
+                .fd
+                .set_guest_debug(&with(0))
+                .map_err(kvm_error("KVM_SET_GUEST_DEBUG"));
+        }
+        // BLOCKIRQ keeps a pending interrupt from being delivered inside the step, so the
+        // step ends after the granted instruction rather than in an interrupt handler.
+        // Kernels before 5.16 reject it; single-step still works there.
+        let step = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
         self.fd
-            .set_guest_debug(&debug)
+            .set_guest_debug(&with(step | KVM_GUESTDBG_BLOCKIRQ))
+            .or_else(|_| self.fd.set_guest_debug(&with(step)))
             .map_err(kvm_error("KVM_SET_GUEST_DEBUG"))
     }
 
