@@ -1,6 +1,7 @@
 # Scenario api: ext-vmm with --api-socket runs the ticking L2 guest; the API pauses it (the
 # guest's clock-driven output stops), resumes it (the output continues), reports each state in
 # vm.info, and shuts the guest and then the VMM down.
+# shellcheck source=ci/scenarios/lib.sh
 . /opt/ext/scenarios/lib.sh
 
 log=/tmp/l2-api.log

@@ -1,5 +1,6 @@
 # Scenario boot: ext-vmm boots the L2 guest, which runs a crun container and powers off.
 # PASS when the container's marker and the guest's poweroff marker appear and ext-vmm exits 0.
+# shellcheck source=ci/scenarios/lib.sh
 . /opt/ext/scenarios/lib.sh
 
 log=/tmp/l2-boot.log

@@ -2,6 +2,7 @@
 # with KVM inside L1, then under ext-vmm, and reports both boot times measured on the same clock
 # in the same lab run (absolute lab timings are emulated; the ratio is what means something).
 # lab-needs: qemu
+# shellcheck source=ci/scenarios/lib.sh
 . /opt/ext/scenarios/lib.sh
 
 cmdline="console=ttyS0 loglevel=4 panic=-1 ext.test=boot"

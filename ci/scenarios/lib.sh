@@ -2,6 +2,7 @@
 #   . /opt/ext/scenarios/lib.sh
 # A scenario ends by calling `pass` or `fail <reason>`; L1's init powers the machine off after
 # the scenario script returns, so anything started here ends with L1 even when a step fails.
+# shellcheck shell=sh disable=SC2034  # the variables set here are for the scenarios to read
 
 L2_KERNEL=/opt/l2/vmlinux
 L2_INITRAMFS=/opt/l2/initramfs.cpio

@@ -1,4 +1,5 @@
 # Smoke test of the lab itself: L1 booted, KVM with nested paging is usable.
+# shellcheck source=ci/scenarios/lib.sh
 . /opt/ext/scenarios/lib.sh
 
 [ -c /dev/kvm ] || fail "/dev/kvm is not a character device in L1"
@@ -11,7 +12,9 @@ case "$npt" in
 esac
 nested=$(cat /sys/module/kvm_amd/parameters/nested 2>/dev/null)
 echo "smoke: /dev/kvm present, kvm_amd npt=$npt nested=$nested"
-[ -s /opt/l2/vmlinux ] && [ -s /opt/l2/initramfs.cpio ] || fail "L2 guest image missing under /opt/l2"
+if [ ! -s /opt/l2/vmlinux ] || [ ! -s /opt/l2/initramfs.cpio ]; then
+    fail "L2 guest image missing under /opt/l2"
+fi
 for bin in /opt/ext/bin/*; do
     [ -x "$bin" ] || continue
     # Proves the shipped shared libraries are complete: the loader resolves everything.
