@@ -312,8 +312,18 @@ impl BenchResult {
         }
         let _ = writeln!(
             out,
-            "\n(file sizes: ours = file length; baselines = allocated blocks)"
+            "\n(file sizes: ours = file length; baselines = allocated blocks)\n\n{:<34} {:>10} {:>10}",
+            "our writer", "typing ms", "writing ms"
         );
+        for s in &self.scenarios {
+            let _ = writeln!(
+                out,
+                "{:<34} {:>10.1} {:>10.1}",
+                s.name,
+                ms(s.ours_scan_seconds),
+                ms(s.ours_write_seconds)
+            );
+        }
         let _ = writeln!(
             out,
             "\n{:<34} {:>12} {:>12} {:>12} {:>12} {:>14}",
