@@ -36,6 +36,7 @@ mode=$(stat -c %a "$sock")
 
 remote ping || fail "ping failed: $(cat /tmp/remote.out)"
 expect_state Running
+remote counters || fail "counters failed: $(cat /tmp/remote.out)"
 
 remote pause || fail "pause failed: $(cat /tmp/remote.out)"
 # A tick already on its way out of the UART may land just after the pause returns.
@@ -56,6 +57,13 @@ expect_state Running
 
 remote shutdown || fail "vm.shutdown failed: $(cat /tmp/remote.out)"
 kill -0 "$VMM_PID" 2>/dev/null || fail "ext-vmm exited on vm.shutdown; it must keep serving the API"
+# The vCPUs stop asynchronously: give the state a few seconds to settle.
+tries=0
+until remote info && grep -q '"state"[[:space:]]*:[[:space:]]*"Shutdown"' /tmp/remote.out; do
+    tries=$((tries + 1))
+    [ "$tries" -lt 20 ] || fail "info does not say Shutdown after vm.shutdown: $(cat /tmp/remote.out)"
+    sleep 0.5
+done
 remote ping || fail "ping after vm.shutdown failed: $(cat /tmp/remote.out)"
 remote shutdown-vmm || fail "vmm.shutdown failed: $(cat /tmp/remote.out)"
 wait_exit "$VMM_PID" 30 || fail "ext-vmm still running 30 s after vmm.shutdown"
