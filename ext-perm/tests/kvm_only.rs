@@ -277,3 +277,90 @@ fn software_page_walk_agrees_with_kvm_translate() {
         assert_eq!(by_walk, by_kvm, "gva {gva:#x}");
     }
 }
+
+#[test]
+fn concurrent_single_step_grants_on_two_vcpus() {
+    const ROUNDS: usize = 200;
+    let config = ManagerConfig {
+        grant: GrantPreference::SingleStep,
+        ..Default::default()
+    };
+    let Some(mut h) = KvmHarness::new("concurrent_single_step_grants_on_two_vcpus", 2, config)
+    else {
+        return;
+    };
+    // Each vCPU runs a 5-byte `jmp rel32` that starts 2 bytes before non-executable page B
+    // (its own B) and jumps back to an `out` in executable code; `out` carries the vCPU id.
+    let pages = [0x40000u64, 0x50000];
+    for (id, &page_b) in pages.iter().enumerate() {
+        let target = CODE + 0x100 * id as u64;
+        h.write(target, &[0xb0, id as u8, 0xe6, 0x80]); // mov al, id; out 0x80, al
+        let rel = (target as i64 - (page_b + 3) as i64) as i32;
+        let mut jmp = vec![0xe9];
+        jmp.extend_from_slice(&rel.to_le_bytes());
+        h.write(page_b - 2, &jmp);
+        protect(&h, page_b, "rw-");
+    }
+    let mut threads = Vec::new();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    for id in (0..2u32).rev() {
+        let mut fd = h.guest.vcpus.pop().expect("two vCPUs");
+        let (gate, manager, done) = (h.gate.clone(), h.manager.clone(), done_tx.clone());
+        let start = pages[id as usize] - 2;
+        threads.push(std::thread::spawn(move || {
+            let mut outs = 0;
+            for _ in 0..ROUNDS {
+                let regs = ext_perm::Registers {
+                    rip: start,
+                    rflags: 2,
+                    gprs: [
+                        0,
+                        0,
+                        0,
+                        0,
+                        STACK_TOP - 0x800 * u64::from(id),
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                    ],
+                };
+                ext_perm::kvm::KvmVcpu::new(&fd, id)
+                    .set_registers(&regs)
+                    .unwrap();
+                let stop = run_vcpu(&mut fd, id, &gate, &*manager).unwrap();
+                if stop
+                    == (VcpuStop::PortOut {
+                        port: 0x80,
+                        value: u64::from(id),
+                    })
+                {
+                    outs += 1;
+                }
+            }
+            done.send(()).unwrap();
+            outs
+        }));
+    }
+    // A deadlock detector, not a speed assertion: 400 grants take well under a second here.
+    for _ in 0..2 {
+        done_rx
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .expect("a vCPU thread is stuck: hold/grant deadlock");
+    }
+    let outs: Vec<usize> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert_eq!(outs, vec![ROUNDS, ROUNDS]);
+    let stats = h.manager.stats();
+    assert_eq!(stats.single_step_grants, 2 * ROUNDS as u64);
+    assert_eq!(stats.straddle_grants, 2 * ROUNDS as u64);
+    assert_eq!(h.gate.holder(), None);
+    // Both B pages are unbacked again: one RAM slot below, between and above them.
+    assert_eq!(h.manager.with_backend(|b| b.memslot_count()), 3);
+}
