@@ -1,5 +1,6 @@
-# Scenario vmm-virtio: ext-vmm's devices seen from inside a real guest. Two vCPUs, memfd-backed
-# shared memory, a virtio-blk disk and the virtio console; the L2 shell on the serial console
+# Scenario vmm-virtio: ext-vmm's devices seen from inside a real guest. Two vCPUs, 4 GiB of
+# memfd-backed shared memory (so RAM continues above the 32-bit MMIO gap; L1 only touches what
+# the guest uses), a virtio-blk disk and the virtio console; the L2 shell on the serial console
 # is driven through ext-vmm's stdin (serial input), reads a marker the host put on the disk,
 # writes one back, writes to hvc0, counts its CPUs, and powers off.
 . /opt/ext/scenarios/lib.sh
@@ -19,17 +20,18 @@ exec 3<>"$input"
 VMM_STARTED=$(now)
 timeout -s KILL 300 ext-vmm --kernel "$L2_KERNEL" --initramfs "$L2_INITRAMFS" \
     --cmdline "console=ttyS0 loglevel=4 panic=-1" \
-    --cpus boot=2 --memory size=512M,shared=on --serial tty \
+    --cpus boot=2 --memory size=4G,shared=on --serial tty \
     --disk "path=$disk" <&3 >"$log" 2>&1 &
 VMM_PID=$!
 _ext_background_pids="$_ext_background_pids $VMM_PID"
 follow_log "$log" ext-vmm
 
 wait_for_line "$log" 'EXT-L2-INIT' 180 "$VMM_PID" || fail "L2 did not reach its init"
-metric "l2_boot_s=$(since "$VMM_STARTED") vmm=ext-vmm cpus=2 shared=on (ext-vmm start to EXT-L2-INIT, L1 clock)"
+metric "l2_boot_s=$(since "$VMM_STARTED") vmm=ext-vmm cpus=2 memory=4G,shared=on (ext-vmm start to EXT-L2-INIT, L1 clock)"
 sleep 2
 # Markers are computed in the guest so the echoed command line never matches them.
 echo 'echo EXT-CPUS-$(grep -c ^processor /proc/cpuinfo)' >&3
+echo 'echo EXT-MEMKB-$(awk "/MemTotal/ { print \$2 }" /proc/meminfo)' >&3
 echo 'echo EXT-VIRTIO-$(ls /sys/bus/virtio/devices | wc -l)' >&3
 echo 'echo EXT-SIZE-$(cat /sys/block/vda/size)' >&3
 echo 'echo EXT-READ-$(dd if=/dev/vda bs=512 skip=100 count=1 2>/dev/null | head -c 15)' >&3
@@ -39,6 +41,8 @@ wait_for_line "$log" 'EXT-WROTE-[0-9]' 60 "$VMM_PID" || fail "the guest shell ne
 echo 'poweroff -f' >&3
 
 grep -q 'EXT-CPUS-2' "$log" || fail "the guest does not see 2 CPUs"
+mem_kb=$(sed -n 's/.*EXT-MEMKB-\([0-9][0-9]*\).*/\1/p' "$log" | head -n 1)
+[ -n "$mem_kb" ] && [ "$mem_kb" -gt 3800000 ] || fail "the guest sees ${mem_kb:-no} kB of RAM, not ~4 GiB"
 grep -q 'EXT-VIRTIO-2' "$log" || fail "the guest did not bind 2 virtio-mmio devices"
 grep -q 'EXT-SIZE-16384' "$log" || fail "virtio-blk capacity is not 16384 sectors"
 grep -q 'EXT-READ-EXT-DISK-MARKER' "$log" || fail "the guest did not read the host's marker from vda"

@@ -7,9 +7,6 @@
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
-use acpi_tables::madt::{
-    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
-};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
@@ -124,18 +121,34 @@ fn fadt(dsdt_addr: u64) -> Vec<u8> {
     to_bytes(&builder.finalize())
 }
 
+/// MADT flag: the platform also has dual 8259 PICs (KVM's in-kernel irqchip does).
+const MADT_PCAT_COMPAT: u32 = 1;
+
+/// The MADT: one LAPIC per vCPU, the IOAPIC, and the PC's interrupt source override of ISA
+/// IRQ 0 (the PIT) onto GSI 2, matching the GSI routing `vm.rs` installs. Built on the generic
+/// `Sdt` because acpi_tables 0.2 has no override structure.
 fn madt(cpus: u8) -> Vec<u8> {
-    let mut madt = MADT::new(
-        OEM_ID,
-        OEM_TABLE_ID,
-        OEM_REVISION,
-        LocalInterruptController::Address(LAPIC_START as u32),
-    );
+    let mut madt = Sdt::new(*b"APIC", 44, 4, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    madt.write_u32(36, LAPIC_START as u32);
+    madt.write_u32(40, MADT_PCAT_COMPAT);
     for id in 0..cpus {
-        madt.add_structure(ProcessorLocalApic::new(id, id, EnabledStatus::Enabled));
+        // Processor Local APIC: type 0, length 8, UID, APIC ID, flags (enabled).
+        let mut lapic = vec![0u8, 8, id, id];
+        lapic.extend_from_slice(&1u32.to_le_bytes());
+        madt.append_slice(&lapic);
     }
-    madt.add_structure(IoApic::new(0, IOAPIC_START as u32, 0));
-    to_bytes(&madt)
+    // I/O APIC: type 1, length 12, id 0, reserved, address, GSI base 0.
+    let mut ioapic = vec![1u8, 12, 0, 0];
+    ioapic.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
+    ioapic.extend_from_slice(&0u32.to_le_bytes());
+    madt.append_slice(&ioapic);
+    // Interrupt Source Override: type 2, length 10, bus 0 (ISA), source IRQ, GSI, flags 0
+    // (bus-conforming polarity and trigger).
+    let mut iso = vec![2u8, 10, 0, ISA_TIMER_IRQ];
+    iso.extend_from_slice(&ISA_TIMER_GSI.to_le_bytes());
+    iso.extend_from_slice(&0u16.to_le_bytes());
+    madt.append_slice(&iso);
+    madt.as_slice().to_vec()
 }
 
 /// Writes all tables at [`ACPI_START`]; returns the RSDP address for `hvm_start_info`.
@@ -215,6 +228,12 @@ mod tests {
             mem.read_slice(&mut table, GuestAddress(addr)).unwrap();
             assert!(checksum_ok(&table), "{:?}", &sig[..4]);
             signatures.push(sig[..4].to_vec());
+            if &sig[..4] == b"APIC" {
+                // Two LAPICs (8 bytes each), the IOAPIC (12), the IRQ0 -> GSI 2 override (10).
+                assert_eq!(table.len(), 44 + 2 * 8 + 12 + 10);
+                assert_eq!(&table[72..76], &[2, 10, 0, 0]);
+                assert_eq!(u32::from_le_bytes(table[76..80].try_into().unwrap()), 2);
+            }
             if &sig[..4] == b"FACP" {
                 let dsdt = u64::from_le_bytes(table[140..148].try_into().unwrap());
                 let mut dsdt_header = [0u8; 36];

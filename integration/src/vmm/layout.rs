@@ -57,3 +57,7 @@ pub const ACPI_RESET_VALUE: u8 = 0x1;
 pub const VIRTIO_GSI_START: u32 = 5;
 /// Number of IOAPIC pins KVM's in-kernel IOAPIC provides.
 pub const IOAPIC_PINS: u32 = 24;
+/// ISA IRQ of the PIT.
+pub const ISA_TIMER_IRQ: u8 = 0;
+/// GSI the PIT's IRQ 0 arrives on at the IOAPIC, as on a PC (MADT interrupt source override).
+pub const ISA_TIMER_GSI: u32 = 2;

@@ -5,7 +5,11 @@ use std::fs::OpenOptions;
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 
-use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_irq_routing_entry, kvm_irq_routing_irqchip, kvm_pit_config, KvmIrqRouting,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP,
+    KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::GuestMemoryMmap;
 use vm_superio::I8042Device;
@@ -73,6 +77,7 @@ pub fn create_kvm_vm() -> Result<(Kvm, VmFd)> {
         .map_err(|e| Error::Kvm("KVM_SET_IDENTITY_MAP_ADDR", e))?;
     vm.create_irq_chip()
         .map_err(|e| Error::Kvm("KVM_CREATE_IRQCHIP", e))?;
+    set_pc_gsi_routing(&vm)?;
     let pit = kvm_pit_config {
         flags: KVM_PIT_SPEAKER_DUMMY,
         ..Default::default()
@@ -80,6 +85,41 @@ pub fn create_kvm_vm() -> Result<(Kvm, VmFd)> {
     vm.create_pit2(pit)
         .map_err(|e| Error::Kvm("KVM_CREATE_PIT2", e))?;
     Ok((kvm, vm))
+}
+
+fn irqchip_route(gsi: u32, irqchip: u32, pin: u32) -> kvm_irq_routing_entry {
+    let mut entry = kvm_irq_routing_entry {
+        gsi,
+        type_: KVM_IRQ_ROUTING_IRQCHIP,
+        ..Default::default()
+    };
+    entry.u.irqchip = kvm_irq_routing_irqchip { irqchip, pin };
+    entry
+}
+
+/// Routes GSIs as on a PC: ISA IRQs 0–15 to the 8259 pair (2 is the cascade), GSI *n* to IOAPIC
+/// pin *n*, except that the PIT's GSI 0 arrives on IOAPIC pin 2 ([`ISA_TIMER_GSI`], announced
+/// by the MADT's interrupt source override).
+fn set_pc_gsi_routing(vm: &VmFd) -> Result<()> {
+    let mut entries = Vec::new();
+    for gsi in 0..16u32 {
+        match gsi {
+            2 => continue,
+            0..=7 => entries.push(irqchip_route(gsi, KVM_IRQCHIP_PIC_MASTER, gsi)),
+            _ => entries.push(irqchip_route(gsi, KVM_IRQCHIP_PIC_SLAVE, gsi - 8)),
+        }
+    }
+    for gsi in 0..IOAPIC_PINS {
+        match gsi {
+            0 => entries.push(irqchip_route(0, KVM_IRQCHIP_IOAPIC, ISA_TIMER_GSI)),
+            ISA_TIMER_GSI => {}
+            _ => entries.push(irqchip_route(gsi, KVM_IRQCHIP_IOAPIC, gsi)),
+        }
+    }
+    let routing = KvmIrqRouting::from_entries(&entries)
+        .map_err(|e| Error::Boot(format!("building the GSI routing table: {e:?}")))?;
+    vm.set_gsi_routing(&routing)
+        .map_err(|e| Error::Kvm("KVM_SET_GSI_ROUTING", e))
 }
 
 /// An eventfd registered as an irqfd for `gsi`.
