@@ -104,7 +104,7 @@ pub fn fetch_instruction<M: GuestMemory>(
         }
         frames.push((bytes.len(), gfn_of(gpa)));
         bytes.extend_from_slice(&buf);
-        gva += chunk as u64;
+        gva = gva.wrapping_add(chunk as u64);
     }
     if bytes.is_empty() {
         return Err(Error::Untranslated(rip));

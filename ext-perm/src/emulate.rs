@@ -157,13 +157,13 @@ mod tests {
     impl DataAccess for Flat {
         fn read(&mut self, gva: u64, buf: &mut [u8]) -> Result<()> {
             for (i, b) in buf.iter_mut().enumerate() {
-                *b = *self.0.get(&(gva + i as u64)).unwrap_or(&0);
+                *b = *self.0.get(&(gva.wrapping_add(i as u64))).unwrap_or(&0);
             }
             Ok(())
         }
         fn write(&mut self, gva: u64, data: &[u8]) -> Result<()> {
             for (i, b) in data.iter().enumerate() {
-                self.0.insert(gva + i as u64, *b);
+                self.0.insert(gva.wrapping_add(i as u64), *b);
             }
             Ok(())
         }
@@ -205,6 +205,23 @@ mod tests {
         // lea rdx, [rbx+rcx*2+8]
         run(&[0x48, 0x8d, 0x54, 0x4b, 0x08], &mut regs, &mut mem).unwrap();
         assert_eq!(regs.gprs[2], 0x5000 + 0x7f05 * 2 + 8);
+    }
+
+    proptest::proptest! {
+        /// Guest bytes are untrusted: any instruction is either executed or refused, never a
+        /// panic, and a refusal leaves the registers as they were.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 1..16), rax: u64, rbx: u64) {
+            let mut regs = Registers { rip: 0x1000, ..Default::default() };
+            regs.gprs[0] = rax;
+            regs.gprs[3] = rbx;
+            let before = regs;
+            let mut mem = Flat::default();
+            let insn = Decoder::with_ip(64, &bytes, regs.rip, DecoderOptions::NONE).decode();
+            if execute(&insn, &mut regs, &mut mem).is_err() {
+                proptest::prop_assert_eq!(regs, before);
+            }
+        }
     }
 
     #[test]

@@ -141,7 +141,7 @@ impl ModelVcpu {
                     reason: e.to_string(),
                 })?;
             let instruction = Decoder::with_ip(64, &bytes, regs.rip, DecoderOptions::NONE).decode();
-            let last = regs.rip + instruction.len().max(1) as u64 - 1;
+            let last = regs.rip.saturating_add(instruction.len().max(1) as u64 - 1);
             let fetchable =
                 (gfn_of(regs.rip)..=gfn_of(last)).all(|g| installed(self.id, g).execute());
             if !fetchable {
@@ -244,7 +244,7 @@ struct ModelDataAccess<'a, M> {
 
 impl<M: GuestMemory> ModelDataAccess<'_, M> {
     fn allowed(&self, gpa: u64, len: usize, access: AccessKind) -> bool {
-        let last = gpa + len.max(1) as u64 - 1;
+        let last = gpa.saturating_add(len.max(1) as u64 - 1);
         (gfn_of(gpa)..=gfn_of(last)).all(|g| (self.installed)(self.vcpu.id, g).allows(access))
     }
 

@@ -195,7 +195,7 @@ impl<M: GuestMemory> ViewChecked<'_, M> {
         let mut out = Vec::new();
         let mut done = 0;
         while done < len {
-            let at = gva + done as u64;
+            let at = gva.wrapping_add(done as u64);
             let chunk = ((PAGE_SIZE - at % PAGE_SIZE) as usize).min(len - done);
             let gpa = translate(self.vcpu, self.memory, self.mode, at)?;
             if !self
