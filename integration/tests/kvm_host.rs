@@ -493,3 +493,19 @@ fn vmm_backend_pauses_resumes_and_shuts_down_a_running_guest() {
         b"OKe\n"
     );
 }
+
+#[test]
+fn executing_unbacked_memory_ends_the_run_with_the_guest_position() {
+    if !kvm_available("executing_unbacked_memory_ends_the_run_with_the_guest_position") {
+        return;
+    }
+    // mov eax, 0xd0000000; jmp eax: no memslot and no device there.
+    let mut code = vec![0xb8];
+    code.extend_from_slice(&(TEST_MMIO as u32).to_le_bytes());
+    code.extend([0xff, 0xe0]);
+    let mut guest = guest(&code, Bus::new(), Bus::new());
+    let control = VcpuControl::default();
+    let error = guest.vcpu.run(&control).unwrap_err().to_string();
+    assert!(error.contains("internal error"), "{error}");
+    assert!(error.contains("rip 0xd0000000"), "{error}");
+}

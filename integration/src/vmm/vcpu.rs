@@ -244,14 +244,20 @@ impl Vcpu {
             VcpuExit::FailEntry(reason, cpu) => {
                 return Err(Error::VcpuExit(
                     id,
-                    format!("KVM entry failed: reason {reason:#x} on host CPU {cpu}"),
+                    format!(
+                        "KVM entry failed: reason {reason:#x} on host CPU {cpu}, {}",
+                        guest_position(&self.fd)
+                    ),
                 ));
             }
             VcpuExit::InternalError => {
                 let suberror = internal_error_suberror(&mut self.fd);
                 return Err(Error::VcpuExit(
                     id,
-                    format!("KVM internal error, suberror {suberror}"),
+                    format!(
+                        "KVM internal error, suberror {suberror}, {}",
+                        guest_position(&self.fd)
+                    ),
                 ));
             }
             other => {
@@ -272,6 +278,17 @@ impl Vcpu {
                 return Ok(stop);
             }
         }
+    }
+}
+
+/// Where the guest was, for error messages.
+fn guest_position(fd: &VcpuFd) -> String {
+    match (fd.get_regs(), fd.get_sregs()) {
+        (Ok(regs), Ok(sregs)) => format!(
+            "rip {:#x} cs {:#x} cr0 {:#x} cr3 {:#x} efer {:#x}",
+            regs.rip, sregs.cs.selector, sregs.cr0, sregs.cr3, sregs.efer
+        ),
+        _ => "registers unreadable".to_string(),
     }
 }
 
