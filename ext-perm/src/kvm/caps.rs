@@ -11,6 +11,8 @@ use crate::error::{Error, Result};
 
 /// `KVM_CAP_SET_GUEST_DEBUG` (not exported by kvm-bindings 0.12).
 const KVM_CAP_SET_GUEST_DEBUG: u32 = 23;
+/// `KVM_CAP_SYNC_REGS`.
+const KVM_CAP_SYNC_REGS: u32 = 74;
 /// `KVM_X86_QUIRK_SLOT_ZAP_ALL`: with it on, deleting any memslot zaps every shadow page.
 pub const KVM_X86_QUIRK_SLOT_ZAP_ALL: u64 = 1 << 7;
 
@@ -38,6 +40,9 @@ pub struct CapabilityReport {
     pub single_step_user_mode: bool,
     /// `KVM_CAP_DIRTY_LOG_RING`: maximum ring size in bytes (0 = no ring).
     pub dirty_log_ring: u64,
+    /// `KVM_CAP_SYNC_REGS`: register sets KVM can mirror in `kvm_run` (the reference exit
+    /// loop uses regs and sregs, 0x3).
+    pub sync_regs: u64,
 }
 
 fn flavour() -> String {
@@ -78,5 +83,6 @@ pub fn probe_and_configure(vm: &VmFd) -> Result<CapabilityReport> {
         guest_debug: raw(KVM_CAP_SET_GUEST_DEBUG) > 0,
         guest_debug_flags: raw(KVM_CAP_SET_GUEST_DEBUG2).max(0) as u64,
         dirty_log_ring: raw(KVM_CAP_DIRTY_LOG_RING).max(0) as u64,
+        sync_regs: raw(KVM_CAP_SYNC_REGS).max(0) as u64,
     })
 }
