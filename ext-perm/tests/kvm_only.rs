@@ -364,3 +364,56 @@ fn concurrent_single_step_grants_on_two_vcpus() {
     // Both B pages are unbacked again: one RAM slot below, between and above them.
     assert_eq!(h.manager.with_backend(|b| b.memslot_count()), 3);
 }
+
+#[test]
+fn adopted_vmm_memslots_are_enforced() {
+    use ext_perm::kvm::guest::{kvm_available, TestGuest, GUEST_RAM_SIZE};
+    use ext_perm::kvm::KvmMemslotBackend;
+    use ext_perm::PermissionManager;
+    if !kvm_available() {
+        println!("SKIPPED: adopted_vmm_memslots_are_enforced: /dev/kvm not available");
+        return;
+    }
+    let mut guest = TestGuest::new(1).unwrap();
+    // The VMM registers RAM itself, as ext-vmm's `register_memory` does (slot 0).
+    use vm_memory::{GuestAddress, GuestMemory};
+    let host = guest.memory.get_host_address(GuestAddress(0)).unwrap() as u64;
+    let region = kvm_bindings::kvm_userspace_memory_region {
+        slot: 0,
+        flags: 0,
+        guest_phys_addr: 0,
+        memory_size: GUEST_RAM_SIZE,
+        userspace_addr: host,
+    };
+    // SAFETY: `host` is the guest memory mapping, which `guest` keeps alive longer than the VM.
+    unsafe { guest.vm.set_user_memory_region(region) }.unwrap();
+    let backend = KvmMemslotBackend::adopt(guest.vm.clone(), guest.memory.clone(), 0).unwrap();
+    let gate = Arc::new(RunGate::new(None));
+    let manager = PermissionManager::new(
+        backend,
+        guest.memory.clone(),
+        gate.clone(),
+        ManagerConfig::default(),
+    )
+    .unwrap();
+    manager
+        .set_permissions(
+            0,
+            DATA / PAGE_SIZE..DATA / PAGE_SIZE + 1,
+            "r-x".parse().unwrap(),
+        )
+        .unwrap();
+    guest.write(DATA, &0x1111u64.to_le_bytes()).unwrap();
+    guest.write(CODE, &[0x48, 0x89, 0x03, 0xf4]).unwrap(); // mov [rbx], rax; hlt
+    let fd = &mut guest.vcpus[0];
+    let mut regs = ext_perm::kvm::KvmVcpu::new(fd, 0).registers().unwrap();
+    regs.rip = CODE;
+    regs.gprs[0] = 0x2222;
+    regs.gprs[3] = DATA;
+    ext_perm::kvm::KvmVcpu::new(fd, 0)
+        .set_registers(&regs)
+        .unwrap();
+    assert_eq!(run_vcpu(fd, 0, &gate, &manager).unwrap(), VcpuStop::Denied);
+    assert_eq!(guest.read_u64(DATA).unwrap(), 0x1111);
+    assert_eq!(manager.with_backend(|b| b.memslot_count()), 3);
+}

@@ -99,6 +99,37 @@ impl KvmMemslotBackend {
     /// Probes `vm`, disables the slot-zap-all quirk where possible, and maps all of `memory`
     /// read-write-execute (the state of a fresh permission table).
     pub fn new(vm: Arc<VmFd>, memory: Arc<GuestMemoryMmap>, first_slot: u32) -> Result<Self> {
+        let mut backend = Self::unregistered(vm, memory, first_slot)?;
+        backend.sync(&PermissionTable::new(), 0..u64::MAX >> PAGE_SHIFT)?;
+        Ok(backend)
+    }
+
+    /// Takes over RAM memslots the VMM registered itself: region `i` of `memory` (in
+    /// address order) as slot `first_slot + i`, read-write, each covering its whole region.
+    /// This is how a VMM that registers memory before `ext-perm` exists (ext-vmm's
+    /// `register_memory`) hands RAM over; slot ids from `first_slot + regions` up become
+    /// the backend's too.
+    pub fn adopt(vm: Arc<VmFd>, memory: Arc<GuestMemoryMmap>, first_slot: u32) -> Result<Self> {
+        let mut backend = Self::unregistered(vm, memory, first_slot)?;
+        let regions = backend.regions.clone();
+        for (i, region) in regions.iter().enumerate() {
+            backend.slots.insert(
+                region.start_gfn,
+                Slot {
+                    id: first_slot + i as u32,
+                    end_gfn: region.end_gfn,
+                    kind: SlotKind::ReadWrite,
+                },
+            );
+            backend
+                .installed
+                .set(region.start_gfn..region.end_gfn, Permissions::ALL)?;
+        }
+        backend.next_id = first_slot + regions.len() as u32;
+        Ok(backend)
+    }
+
+    fn unregistered(vm: Arc<VmFd>, memory: Arc<GuestMemoryMmap>, first_slot: u32) -> Result<Self> {
         let capabilities = probe_and_configure(&vm)?;
         if !capabilities.readonly_mem {
             return Err(Error::MissingCapability("KVM_CAP_READONLY_MEM"));
@@ -117,7 +148,7 @@ impl KvmMemslotBackend {
                 host_addr,
             });
         }
-        let mut backend = Self {
+        Ok(Self {
             vm,
             _memory: memory,
             regions,
@@ -128,9 +159,7 @@ impl KvmMemslotBackend {
             capabilities,
             grant: None,
             memslot_operations: 0,
-        };
-        backend.sync(&PermissionTable::new(), 0..u64::MAX >> PAGE_SHIFT)?;
-        Ok(backend)
+        })
     }
 
     /// What the probe found on this host.
