@@ -46,7 +46,7 @@ pub(crate) fn encode_tail(
             tail.extend_from_slice(&run.pages.to_le_bytes());
             tail.extend_from_slice(&offset.to_le_bytes());
         }
-        let index_crc = crc32c::crc32c(&tail[start..]);
+        let index_crc = crate::format::checksum::crc32c(&tail[start..]);
         table.extend_from_slice(&region.guest_addr.to_le_bytes());
         table.extend_from_slice(&region.size.to_le_bytes());
         table.extend_from_slice(&index_offset.to_le_bytes());
@@ -59,7 +59,7 @@ pub(crate) fn encode_tail(
         region_table_offset,
         data_end,
         file_len: region_table_offset + table.len() as u64,
-        region_table_crc: crc32c::crc32c(&table),
+        region_table_crc: crate::format::checksum::crc32c(&table),
     };
     tail.extend_from_slice(&table);
     let mut block = vec![0u8; HEADER_BLOCK_LEN as usize];
@@ -69,7 +69,7 @@ pub(crate) fn encode_tail(
         regions.len() as u32,
         &fields,
     ));
-    let crc = crc32c::crc32c(&block[..HEADER_CRC_AT]);
+    let crc = crate::format::checksum::crc32c(&block[..HEADER_CRC_AT]);
     block[HEADER_CRC_AT..].copy_from_slice(&crc.to_le_bytes());
     (tail, block)
 }
@@ -80,7 +80,7 @@ fn read_exact_at(file: &File, buf: &mut [u8], offset: u64, what: &str) -> Result
 }
 
 fn check_crc(what: impl Into<String>, stored: u32, bytes: &[u8]) -> Result<()> {
-    let computed = crc32c::crc32c(bytes);
+    let computed = crate::format::checksum::crc32c(bytes);
     if computed != stored {
         return Err(Error::BadChecksum {
             what: what.into(),

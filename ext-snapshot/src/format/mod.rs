@@ -5,6 +5,7 @@
 //! [`file`] encoding stores runs in an index and data in page-aligned extents; the [`stream`]
 //! encoding sends the same runs as sequential records.
 
+pub mod checksum;
 pub mod convert;
 pub mod file;
 pub mod stream;
@@ -168,7 +169,7 @@ impl Digest {
         let mut bytes = [0u8; 16];
         bytes[..8].copy_from_slice(&guest_addr.to_le_bytes());
         bytes[8..].copy_from_slice(&size.to_le_bytes());
-        self.0 = crc32c::crc32c_append(self.0, &bytes);
+        self.0 = crate::format::checksum::crc32c_append(self.0, &bytes);
     }
 
     pub(crate) fn run(&mut self, page_type: PageType, pages: u64, data_crc: u32) {
@@ -176,7 +177,7 @@ impl Digest {
         bytes[0] = page_type.as_u8();
         bytes[1..9].copy_from_slice(&pages.to_le_bytes());
         bytes[9..].copy_from_slice(&data_crc.to_le_bytes());
-        self.0 = crc32c::crc32c_append(self.0, &bytes);
+        self.0 = crate::format::checksum::crc32c_append(self.0, &bytes);
     }
 
     pub(crate) fn value(self) -> u32 {

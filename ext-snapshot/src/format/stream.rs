@@ -30,7 +30,7 @@ pub(crate) fn encode_header(header: &Header, region_count: u32) -> Vec<u8> {
     );
     let mut out = Vec::with_capacity(HEADER_FIELDS_LEN + 4);
     out.extend_from_slice(&fields);
-    out.extend_from_slice(&crc32c::crc32c(&fields).to_le_bytes());
+    out.extend_from_slice(&crate::format::checksum::crc32c(&fields).to_le_bytes());
     out
 }
 
@@ -41,7 +41,7 @@ pub(crate) fn encode_region_table(layout: &[(u64, u64)]) -> Vec<u8> {
         out.extend_from_slice(&addr.to_le_bytes());
         out.extend_from_slice(&size.to_le_bytes());
     }
-    let crc = crc32c::crc32c(&out);
+    let crc = crate::format::checksum::crc32c(&out);
     out.extend_from_slice(&crc.to_le_bytes());
     out
 }
@@ -56,7 +56,7 @@ pub(crate) fn record_header(tag: u8, count: u64) -> [u8; RECORD_HEADER_LEN] {
 
 /// The trailer of a run record without data: crc32c of its header.
 pub(crate) fn plain_trailer(header: &[u8; RECORD_HEADER_LEN]) -> [u8; 4] {
-    crc32c::crc32c(header).to_le_bytes()
+    crate::format::checksum::crc32c(header).to_le_bytes()
 }
 
 /// The trailer of a data record (or of the end record, whose "data checksum" is the digest):
@@ -64,7 +64,8 @@ pub(crate) fn plain_trailer(header: &[u8; RECORD_HEADER_LEN]) -> [u8; 4] {
 pub(crate) fn value_trailer(header: &[u8; RECORD_HEADER_LEN], value: u32) -> [u8; 8] {
     let mut t = [0u8; 8];
     t[..4].copy_from_slice(&value.to_le_bytes());
-    let crc = crc32c::crc32c_append(crc32c::crc32c(header), &t[..4]);
+    let crc =
+        crate::format::checksum::crc32c_append(crate::format::checksum::crc32c(header), &t[..4]);
     t[4..].copy_from_slice(&crc.to_le_bytes());
     t
 }

@@ -157,7 +157,7 @@ impl SnapshotFile {
         self.file
             .read_exact_at(bytes, extent.offset)
             .map_err(|e| Error::read(format!("reading extent at {:#x}", extent.offset), e))?;
-        let computed = crc32c::crc32c(bytes);
+        let computed = crate::format::checksum::crc32c(bytes);
         if computed != extent.crc {
             return Err(Error::BadChecksum {
                 what: format!("data extent at {:#x}", extent.offset),

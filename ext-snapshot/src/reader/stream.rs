@@ -231,7 +231,7 @@ impl<R: Read> StreamReader<R> {
 }
 
 fn check_crc(what: &str, stored: u32, bytes: &[u8]) -> Result<()> {
-    let computed = crc32c::crc32c(bytes);
+    let computed = crate::format::checksum::crc32c(bytes);
     if computed != stored {
         return Err(Error::BadChecksum {
             what: what.into(),
@@ -243,7 +243,8 @@ fn check_crc(what: &str, stored: u32, bytes: &[u8]) -> Result<()> {
 }
 
 fn check_value_trailer(what: &str, header: &[u8; RECORD_HEADER_LEN], t: &[u8; 8]) -> Result<()> {
-    let computed = crc32c::crc32c_append(crc32c::crc32c(header), &t[..4]);
+    let computed =
+        crate::format::checksum::crc32c_append(crate::format::checksum::crc32c(header), &t[..4]);
     check_crc_value(what, le_u32(&t[4..]), computed)
 }
 

@@ -1,7 +1,7 @@
 //! Typing pages of guest memory on several threads.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestMemoryRegion, GuestRegionMmap};
@@ -16,8 +16,8 @@ use crate::residency::Residency;
 /// balance two threads.
 const CHUNK_PAGES: u64 = 8192;
 
-/// The runs `(type, pages)` found in one chunk.
-type ChunkRuns = Vec<(PageType, u64)>;
+/// The runs found in one chunk, in page order.
+pub(crate) type ChunkRuns = Vec<ChunkRun>;
 
 /// Whether a page (or any buffer) is all zero bytes.
 ///
@@ -52,7 +52,7 @@ impl<'m, B: Bitmap> MemorySource<'m, B> {
     /// The bytes of pages `[first_page, first_page + pages)` of region `region`.
     ///
     /// Callers pass page ranges inside the region (they come from the scan of that region).
-    fn pages(&self, region: usize, first_page: u64, pages: u64) -> Result<&[u8]> {
+    pub(crate) fn pages(&self, region: usize, first_page: u64, pages: u64) -> Result<&[u8]> {
         let r = self
             .regions
             .get(region)
@@ -88,6 +88,98 @@ impl<B: Bitmap + Sync> DataSource for MemorySource<'_, B> {
     ) -> Result<()> {
         f(self.pages(region, first_page, pages)?)
     }
+
+    fn direct(&self, region: usize, first_page: u64, pages: u64) -> Option<&[u8]> {
+        self.pages(region, first_page, pages).ok()
+    }
+}
+
+/// One run found in a chunk. Data runs never exceed [`MAX_DATA_RUN_PAGES`] and never cross
+/// a chunk boundary, so their checksum can be computed by the thread that typed them.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ChunkRun {
+    pub(crate) page_type: PageType,
+    pub(crate) pages: u64,
+    /// crc32c of the data (only for data runs, and only when asked).
+    pub(crate) crc: u32,
+}
+
+/// A chunk of a region: `(region index, first page, pages)`.
+pub(crate) type Chunk = (usize, u64, u64);
+
+/// Types every page of every region on `threads` threads and hands each chunk's runs to
+/// `consume` **in memory order**, on the calling thread, while the other chunks are still being
+/// typed (so the caller can write data while typing goes on). With `with_crc`, data runs carry
+/// their checksum.
+pub(crate) fn scan_chunks<B: Bitmap + Sync>(
+    source: &MemorySource<'_, B>,
+    invalid: Option<&dyn PageSet>,
+    dirty: Option<&dyn PageSet>,
+    threads: usize,
+    with_crc: bool,
+    consume: &mut dyn FnMut(Chunk, ChunkRuns) -> Result<()>,
+) -> Result<()> {
+    let residency = Residency::new()?;
+    let mut chunks: Vec<Chunk> = Vec::new();
+    for (ri, r) in source.regions.iter().enumerate() {
+        let pages = r.len() / PAGE_SIZE;
+        let mut p = 0;
+        while p < pages {
+            let n = CHUNK_PAGES.min(pages - p);
+            chunks.push((ri, p, n));
+            p += n;
+        }
+    }
+    let slots: Mutex<Vec<Option<Result<ChunkRuns>>>> =
+        Mutex::new((0..chunks.len()).map(|_| None).collect());
+    let ready = Condvar::new();
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let worker = || {
+        let mut populated = vec![false; CHUNK_PAGES as usize];
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            if i >= chunks.len() || stop.load(Ordering::Relaxed) {
+                return;
+            }
+            let (ri, first, n) = chunks[i];
+            let populated = &mut populated[..n as usize];
+            let runs = residency
+                .populated(source.regions[ri], first, populated)
+                .and_then(|()| type_chunk(source, ri, first, populated, invalid, dirty, with_crc));
+            if runs.is_err() {
+                stop.store(true, Ordering::Relaxed);
+            }
+            match slots.lock() {
+                Ok(mut all) => all[i] = Some(runs),
+                Err(_) => return,
+            }
+            ready.notify_all();
+        }
+    };
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(worker);
+        }
+        let result = (|| {
+            for (i, &chunk) in chunks.iter().enumerate() {
+                let runs = {
+                    let mut all = slots.lock().map_err(|_| poisoned())?;
+                    loop {
+                        if let Some(r) = all[i].take() {
+                            break r;
+                        }
+                        all = ready.wait(all).map_err(|_| poisoned())?;
+                    }
+                }?;
+                consume(chunk, runs)?;
+            }
+            Ok(())
+        })();
+        // On failure the workers stop at their next chunk; the scope joins them.
+        stop.store(true, Ordering::Relaxed);
+        result
+    })
 }
 
 /// Types every page of every region; returns regions with runs (no extents yet). Data runs are
@@ -98,54 +190,26 @@ pub(crate) fn scan<B: Bitmap + Sync>(
     dirty: Option<&dyn PageSet>,
     threads: usize,
 ) -> Result<Vec<Region>> {
-    let residency = Residency::new()?;
-    let mut chunks = Vec::new();
-    for (ri, r) in source.regions.iter().enumerate() {
-        let pages = r.len() / PAGE_SIZE;
-        let mut p = 0;
-        while p < pages {
-            let n = CHUNK_PAGES.min(pages - p);
-            chunks.push((ri, p, n));
-            p += n;
-        }
-    }
-    let results: Mutex<Vec<Option<ChunkRuns>>> = Mutex::new(vec![None; chunks.len()]);
-    let next = AtomicUsize::new(0);
-    let failed = AtomicBool::new(false);
-    let worker = || -> Result<()> {
-        let mut populated = vec![false; CHUNK_PAGES as usize];
-        loop {
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            if i >= chunks.len() || failed.load(Ordering::Relaxed) {
-                return Ok(());
+    let mut regions = empty_regions(source);
+    scan_chunks(
+        source,
+        invalid,
+        dirty,
+        threads,
+        false,
+        &mut |(ri, _, _), runs| {
+            for r in runs {
+                push_run(&mut regions[ri].runs, r.page_type, r.pages);
             }
-            let (ri, first, n) = chunks[i];
-            let r = source.regions[ri];
-            let populated = &mut populated[..n as usize];
-            let runs = residency
-                .populated(r, first, populated)
-                .and_then(|()| type_chunk(source, ri, first, populated, invalid, dirty));
-            match runs {
-                Ok(runs) => {
-                    let mut all = results.lock().map_err(|_| poisoned())?;
-                    all[i] = Some(runs);
-                }
-                Err(e) => {
-                    failed.store(true, Ordering::Relaxed);
-                    return Err(e);
-                }
-            }
-        }
-    };
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads).map(|_| s.spawn(worker)).collect();
-        handles
-            .into_iter()
-            .try_for_each(|h| h.join().map_err(|_| poisoned())?)
-    })?;
-    let results = results.into_inner().map_err(|_| poisoned())?;
+            Ok(())
+        },
+    )?;
+    Ok(regions)
+}
 
-    let mut regions: Vec<Region> = source
+/// The regions of `source` with no runs yet.
+pub(crate) fn empty_regions<B: Bitmap>(source: &MemorySource<'_, B>) -> Vec<Region> {
+    source
         .regions
         .iter()
         .map(|r| Region {
@@ -153,14 +217,7 @@ pub(crate) fn scan<B: Bitmap + Sync>(
             size: r.len(),
             runs: Vec::new(),
         })
-        .collect();
-    for (&(ri, _, _), runs) in chunks.iter().zip(results) {
-        let runs = runs.ok_or_else(poisoned)?;
-        for (t, n) in runs {
-            push_run(&mut regions[ri].runs, t, n);
-        }
-    }
-    Ok(regions)
+        .collect()
 }
 
 fn poisoned() -> Error {
@@ -207,9 +264,11 @@ fn type_chunk<B: Bitmap + Sync>(
     populated: &[bool],
     invalid: Option<&dyn PageSet>,
     dirty: Option<&dyn PageSet>,
+    with_crc: bool,
 ) -> Result<ChunkRuns> {
     let base_gfn = source.regions[ri].start_addr().0 / PAGE_SIZE;
     let mut runs: ChunkRuns = Vec::new();
+    let mut run_start = first;
     for (i, &present) in populated.iter().enumerate() {
         let page = first + i as u64;
         let gfn = base_gfn + page;
@@ -225,11 +284,38 @@ fn type_chunk<B: Bitmap + Sync>(
             PageType::Data
         };
         match runs.last_mut() {
-            Some((last, n)) if *last == t => *n += 1,
-            _ => runs.push((t, 1)),
+            Some(last)
+                if last.page_type == t && (!t.has_data() || last.pages < MAX_DATA_RUN_PAGES) =>
+            {
+                last.pages += 1
+            }
+            _ => {
+                finish_run(source, ri, run_start, runs.last_mut(), with_crc)?;
+                run_start = page;
+                runs.push(ChunkRun {
+                    page_type: t,
+                    pages: 1,
+                    crc: 0,
+                });
+            }
         }
     }
+    finish_run(source, ri, run_start, runs.last_mut(), with_crc)?;
     Ok(runs)
+}
+
+/// Computes the checksum of a finished data run starting at `first_page`.
+fn finish_run<B: Bitmap + Sync>(
+    source: &MemorySource<'_, B>,
+    ri: usize,
+    first_page: u64,
+    run: Option<&mut ChunkRun>,
+    with_crc: bool,
+) -> Result<()> {
+    if let Some(run) = run.filter(|r| with_crc && r.page_type.has_data()) {
+        run.crc = crate::format::checksum::crc32c(source.pages(ri, first_page, run.pages)?);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

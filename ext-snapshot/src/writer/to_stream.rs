@@ -52,7 +52,7 @@ pub(crate) fn write_stream<W: Write>(
             let mut crc = 0;
             if run.page_type.has_data() {
                 source.with_data(ri, run.first_page, run.pages, &mut scratch, &mut |d| {
-                    crc = crc32c::crc32c(d);
+                    crc = crate::format::checksum::crc32c(d);
                     out.put(d)
                 })?;
                 out.put(&value_trailer(&h, crc))?;
