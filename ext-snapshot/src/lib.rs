@@ -15,6 +15,8 @@
 //! - diffs: [`SnapshotChain`] (validate, resolve, restore, merge);
 //! - conversion: [`stream_to_file`], [`file_to_stream`].
 
+#![warn(missing_docs)]
+
 pub mod bench;
 pub mod cloud_hypervisor;
 pub mod diff;

@@ -137,8 +137,9 @@ fn every_truncation_of_the_file_is_rejected() {
 }
 
 /// A corrupt stream: the reader rejects it, the staged restore leaves memory untouched, and
-/// the direct restore never writes an unverified byte.
-fn stream_must_be_rejected(stream: &[u8], expected: &[Vec<u8>], spool: &Path, what: &str) {
+/// the direct restore never writes an unverified byte. Returns whether the direct restore
+/// had written pages before it failed.
+fn stream_must_be_rejected(stream: &[u8], expected: &[Vec<u8>], spool: &Path, what: &str) -> bool {
     let mut reader_result = StreamReader::new(stream).map(|_| ());
     if let Ok(mut reader) = StreamReader::new(stream) {
         reader_result = loop {
@@ -174,8 +175,12 @@ fn stream_must_be_rejected(stream: &[u8], expected: &[Vec<u8>], spool: &Path, wh
                     );
                 }
             }
+            true
         }
-        Err(_) => assert!(read_memory(&mem) == before, "{what}: direct touched memory"),
+        Err(_) => {
+            assert!(read_memory(&mem) == before, "{what}: direct touched memory");
+            false
+        }
     }
 }
 
@@ -185,18 +190,17 @@ fn every_byte_flip_of_the_stream_is_rejected() {
     let (_, stream, expected) = small_snapshot(dir.path());
     let spool = dir.path().join("spool");
     let mut corrupt = stream.clone();
+    let mut partial = 0;
     for at in 0..stream.len() {
         for mask in [0x01u8, 0x80, 0xff] {
             corrupt[at] = stream[at] ^ mask;
-            stream_must_be_rejected(
-                &corrupt,
-                &expected,
-                &spool,
-                &format!("byte {at} ^ {mask:#x}"),
-            );
+            let what = format!("byte {at} ^ {mask:#x}");
+            partial += usize::from(stream_must_be_rejected(&corrupt, &expected, &spool, &what));
         }
         corrupt[at] = stream[at];
     }
+    // Flips in late records must have exercised the partial-restore path.
+    assert!(partial > 0);
 }
 
 #[test]
@@ -204,9 +208,17 @@ fn every_truncation_of_the_stream_is_rejected() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (_, stream, expected) = small_snapshot(dir.path());
     let spool = dir.path().join("spool");
+    let mut partial = 0;
     for len in 0..stream.len() {
-        stream_must_be_rejected(&stream[..len], &expected, &spool, &format!("length {len}"));
+        let what = format!("length {len}");
+        partial += usize::from(stream_must_be_rejected(
+            &stream[..len],
+            &expected,
+            &spool,
+            &what,
+        ));
     }
+    assert!(partial > 0);
 }
 
 /// Rewrites header and region table checksums of a file image after an edit.

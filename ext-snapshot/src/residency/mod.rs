@@ -3,7 +3,8 @@
 //! Reading a never-populated anonymous page would populate it (and a hole of a memfd would
 //! allocate a page cache page), so the writer asks the kernel instead: `/proc/self/pagemap`
 //! for anonymous memory, `SEEK_DATA`/`SEEK_HOLE` for file-backed (memfd) memory. A private
-//! mapping of a file needs both: the file's data plus the pages copied on write.
+//! mapping of a file needs both: the file's data plus the pages copied on write. Shared
+//! anonymous memory has no reliable residency source and is read in full.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -50,6 +51,9 @@ impl Residency {
                     self.pagemap_present(region, first_page, out)?;
                 }
             }
+            // Shared anonymous memory is shmem: a page swapped out of it is not reported
+            // by pagemap, so "not present" would lose data. Treat every page as populated.
+            None if shared => out.fill(true),
             None => self.pagemap_present(region, first_page, out)?,
         }
         Ok(())

@@ -277,17 +277,18 @@ where
         };
         let r = match record.page_type {
             PageType::Data => {
+                touched = true;
                 report.data_pages += record.pages;
                 target.copy_in(record.region, record.first_page, record.data)
             }
             PageType::SameAsParent => Ok(()),
             _ if options.target_is_fresh => Ok(()),
             _ => {
+                touched = true;
                 report.discarded_pages += record.pages;
                 target.discard(record.region, record.first_page, record.pages)
             }
         };
-        touched |= record.page_type != PageType::SameAsParent;
         r?;
     }
     report.restore_seconds = start.elapsed().as_secs_f64();
