@@ -80,6 +80,10 @@ impl<H: ExitHandler> ExitHandler for Recorder<H> {
         }
         Ok(decision)
     }
+
+    fn vcpu_stopped(&self, vcpu: &dyn VcpuControl) -> ext_perm::Result<()> {
+        self.inner.vcpu_stopped(vcpu)
+    }
 }
 
 #[test]

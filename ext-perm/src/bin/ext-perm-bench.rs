@@ -161,6 +161,10 @@ impl ExitHandler for Timed<'_> {
             .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
         result
     }
+
+    fn vcpu_stopped(&self, vcpu: &dyn VcpuControl) -> ext_perm::Result<()> {
+        self.inner.vcpu_stopped(vcpu)
+    }
 }
 
 /// Median microseconds of `f`, for the individual ioctls the handler makes.
@@ -380,7 +384,7 @@ fn serde_json_line(caps: &ext_perm::kvm::CapabilityReport) -> String {
     format!(
         "flavour={} nr_memslots={} readonly_mem={} disable_quirks2={:#x} slot_zap_all_disabled={} \
          memory_attributes={:#x} guest_debug={} guest_debug_flags={:#x} single_step_user_mode={} \
-         dirty_log_ring={} sync_regs={:#x}",
+         dirty_log_ring={} exit_on_emulation_failure={} sync_regs={:#x}",
         caps.flavour,
         caps.nr_memslots,
         caps.readonly_mem,
@@ -391,6 +395,7 @@ fn serde_json_line(caps: &ext_perm::kvm::CapabilityReport) -> String {
         caps.guest_debug_flags,
         caps.single_step_user_mode,
         caps.dirty_log_ring,
+        caps.exit_on_emulation_failure,
         caps.sync_regs
     )
 }

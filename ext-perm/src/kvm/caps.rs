@@ -1,8 +1,9 @@
 //! Capability probe: what this KVM can enforce, reported once at start.
 
 use kvm_bindings::{
-    kvm_enable_cap, KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DISABLE_QUIRKS2, KVM_CAP_MEMORY_ATTRIBUTES,
-    KVM_CAP_NR_MEMSLOTS, KVM_CAP_READONLY_MEM, KVM_CAP_SET_GUEST_DEBUG2,
+    kvm_enable_cap, KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DISABLE_QUIRKS2,
+    KVM_CAP_EXIT_ON_EMULATION_FAILURE, KVM_CAP_MEMORY_ATTRIBUTES, KVM_CAP_NR_MEMSLOTS,
+    KVM_CAP_READONLY_MEM, KVM_CAP_SET_GUEST_DEBUG2,
 };
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
@@ -40,6 +41,10 @@ pub struct CapabilityReport {
     pub single_step_user_mode: bool,
     /// `KVM_CAP_DIRTY_LOG_RING`: maximum ring size in bytes (0 = no ring).
     pub dirty_log_ring: u64,
+    /// Whether `KVM_CAP_EXIT_ON_EMULATION_FAILURE` was enabled: every emulation failure
+    /// (a fetch from an unbacked GPA) exits to userspace at any CPL, without KVM queueing
+    /// #UD. Without it, KVM injects #UD into CPL3 code instead of exiting.
+    pub exit_on_emulation_failure: bool,
     /// `KVM_CAP_SYNC_REGS`: register sets KVM can mirror in `kvm_run` (the reference exit
     /// loop uses regs and sregs, 0x3).
     pub sync_regs: u64,
@@ -54,7 +59,8 @@ fn flavour() -> String {
 
 /// Probes `vm` and, where supported, disables the slot-zap-all quirk so that deleting one
 /// memslot only drops the mappings of that slot (otherwise every protection change costs a
-/// full guest re-fault).
+/// full guest re-fault), and enables exit-on-emulation-failure so that fetches from unbacked
+/// GPAs reach the manager at every CPL.
 pub fn probe_and_configure(vm: &VmFd) -> Result<CapabilityReport> {
     let raw = |cap: u32| i64::from(vm.check_extension_raw(libc::c_ulong::from(cap)));
     let disable_quirks2 = raw(KVM_CAP_DISABLE_QUIRKS2).max(0) as u64;
@@ -71,6 +77,19 @@ pub fn probe_and_configure(vm: &VmFd) -> Result<CapabilityReport> {
         })?;
         slot_zap_all_disabled = true;
     }
+    let mut exit_on_emulation_failure = false;
+    if raw(KVM_CAP_EXIT_ON_EMULATION_FAILURE) > 0 {
+        let mut cap = kvm_enable_cap {
+            cap: KVM_CAP_EXIT_ON_EMULATION_FAILURE,
+            ..Default::default()
+        };
+        cap.args[0] = 1;
+        vm.enable_cap(&cap).map_err(|source| Error::Kvm {
+            operation: "KVM_ENABLE_CAP(EXIT_ON_EMULATION_FAILURE)",
+            source,
+        })?;
+        exit_on_emulation_failure = true;
+    }
     let flavour = flavour();
     Ok(CapabilityReport {
         single_step_user_mode: flavour != "kvm_pvm",
@@ -83,6 +102,7 @@ pub fn probe_and_configure(vm: &VmFd) -> Result<CapabilityReport> {
         guest_debug: raw(KVM_CAP_SET_GUEST_DEBUG) > 0,
         guest_debug_flags: raw(KVM_CAP_SET_GUEST_DEBUG2).max(0) as u64,
         dirty_log_ring: raw(KVM_CAP_DIRTY_LOG_RING).max(0) as u64,
+        exit_on_emulation_failure,
         sync_regs: raw(KVM_CAP_SYNC_REGS).max(0) as u64,
     })
 }

@@ -48,8 +48,12 @@ pub fn run_vcpu(
 ) -> Result<VcpuStop> {
     enable_sync_regs(fd);
     let stop = run_loop(fd, id, gate, handler);
+    // Whatever ended the loop, a grant must not outlive it (it holds the other vCPUs).
+    let stopped = handler.vcpu_stopped(&KvmSyncVcpu::new(fd, id));
     discard_pending_sync_regs(fd);
-    stop
+    let stop = stop?;
+    stopped?;
+    Ok(stop)
 }
 
 fn run_loop(

@@ -83,6 +83,11 @@ pub trait ExitHandler: Send + Sync {
     /// Decides what happens with `exit` of `vcpu`. Called on the vCPU's thread, after
     /// `RunGate::leave` and before the next `RunGate::enter`.
     fn handle_exit(&self, vcpu: &dyn VcpuControl, exit: PermissionExit<'_>) -> Result<Decision>;
+
+    /// The VMM stops running `vcpu` (pause, shutdown, an exit it does not resume from):
+    /// a grant still waiting for its debug exit is revoked and the other vCPUs are released.
+    /// Call it whenever the loop leaves without re-entering after a resuming decision.
+    fn vcpu_stopped(&self, vcpu: &dyn VcpuControl) -> Result<()>;
 }
 
 impl<B: EnforcementBackend, M: GuestMemory + Send + Sync> PermissionManager<B, M> {
@@ -294,5 +299,9 @@ impl<B: EnforcementBackend, M: GuestMemory + Send + Sync> ExitHandler for Permis
             PermissionExit::InternalError { .. } => Ok(Decision::NotHandled),
             PermissionExit::Debug => self.finish_single_step(vcpu),
         }
+    }
+
+    fn vcpu_stopped(&self, vcpu: &dyn VcpuControl) -> Result<()> {
+        self.abandon_single_step(vcpu)
     }
 }

@@ -98,7 +98,13 @@ impl<B: EnforcementBackend, M: GuestMemory + Send + Sync> PermissionManager<B, M
                 acc.union(inner.table.permissions_for(id, g))
             });
             inner.backend.grant(id, &gfns, permissions)?;
-            if let Err(e) = vcpu.set_single_step(true) {
+            // Without KVM_CAP_EXIT_ON_EMULATION_FAILURE, KVM queues #UD together with the
+            // emulation-failure exit of CPL0 code; writing the registers back (free with
+            // sync regs) drops it, so the step runs the instruction instead of the #UD.
+            let armed = vcpu
+                .set_registers(&regs)
+                .and_then(|()| vcpu.set_single_step(true));
+            if let Err(e) = armed {
                 inner.backend.revoke(id)?;
                 return Err(e);
             }
@@ -120,6 +126,26 @@ impl<B: EnforcementBackend, M: GuestMemory + Send + Sync> PermissionManager<B, M
             self.gate.release(id);
         }
         result
+    }
+
+    /// Drops the single-step grant of a vCPU the VMM stopped before its debug exit: unmaps
+    /// the frames, disarms single-step and lets the other vCPUs run.
+    pub(super) fn abandon_single_step(&self, vcpu: &dyn VcpuControl) -> Result<()> {
+        let id = vcpu.id();
+        let mut inner = self.lock();
+        let Some(grant) = inner.pending.remove(&id) else {
+            return Ok(());
+        };
+        let revoked = (|| {
+            let Inner { table, backend, .. } = &mut *inner;
+            backend.revoke(id)?;
+            for &g in &grant.gfns {
+                backend.sync(table, g..g + 1)?;
+            }
+            vcpu.set_single_step(false)
+        })();
+        self.gate.release(id);
+        revoked
     }
 
     pub(super) fn finish_single_step(&self, vcpu: &dyn VcpuControl) -> Result<Decision> {
