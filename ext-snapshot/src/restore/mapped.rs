@@ -29,9 +29,14 @@ use crate::format::{Region, PAGE_SIZE};
 use crate::page_type::PageType;
 use crate::reader::SnapshotFile;
 
-/// Extents shorter than this many pages are copied rather than mapped, so a fragmented
-/// snapshot cannot exhaust `vm.max_map_count` (65530 here) with one mapping per page.
+/// Extents shorter than this many pages are copied rather than mapped: a mapping costs a few
+/// microseconds and a VMA, copying 64 KiB costs about as much.
 pub const MIN_MAPPED_PAGES: u64 = 16;
+
+/// Most file mappings one restore makes (each splits the anonymous region, so it costs up to
+/// two VMAs); the shortest spans beyond it are copied, so a fragmented snapshot cannot exhaust
+/// `vm.max_map_count` (65530 by default) for the whole process.
+pub const MAX_MAPPINGS: usize = 16384;
 
 /// Options of [`restore_mapped`].
 #[derive(Clone, Copy, Debug, Default)]
@@ -101,6 +106,7 @@ pub fn restore_mapped(
     let file = snapshot.file();
     let mut report = MappedReport::default();
     let mut guest_regions = Vec::with_capacity(snapshot.regions().len());
+    let mut budget_used = 0usize;
     for region in snapshot.regions() {
         if region
             .runs
@@ -112,8 +118,11 @@ pub fn restore_mapped(
         let size = usize::try_from(region.size)
             .map_err(|_| Error::UnsupportedMemory(format!("region of {:#x} bytes", region.size)))?;
         let mapping = MmapRegion::new(size).map_err(|e| Error::UnsupportedMemory(e.to_string()))?;
-        for span in spans(region) {
-            if span.len >= MIN_MAPPED_PAGES * PAGE_SIZE {
+        let region_spans = spans(region);
+        let threshold = mapping_threshold(&region_spans, MAX_MAPPINGS - budget_used);
+        for span in region_spans {
+            if span.len >= threshold && budget_used < MAX_MAPPINGS {
+                budget_used += 1;
                 map_span(file, &mapping, span)?;
                 report.mappings += 1;
                 report.mapped_bytes += span.len;
@@ -129,6 +138,26 @@ pub fn restore_mapped(
     let memory = GuestMemoryMmap::from_regions(guest_regions)
         .map_err(|e| Error::UnsupportedMemory(e.to_string()))?;
     Ok((memory, report))
+}
+
+/// The shortest span length that gets mapped: at least `MIN_MAPPED_PAGES`, raised so that at
+/// most `budget` spans qualify (ties at the threshold may still exceed it; the caller stops
+/// mapping when the budget is spent).
+fn mapping_threshold(spans: &[Span], budget: usize) -> u64 {
+    let minimum = MIN_MAPPED_PAGES * PAGE_SIZE;
+    let mut lengths: Vec<u64> = spans
+        .iter()
+        .map(|s| s.len)
+        .filter(|&l| l >= minimum)
+        .collect();
+    if lengths.len() <= budget {
+        return minimum;
+    }
+    if budget == 0 {
+        return u64::MAX;
+    }
+    let (_, nth, _) = lengths.select_nth_unstable_by(budget - 1, |a, b| b.cmp(a));
+    (*nth).max(minimum)
 }
 
 fn map_span(file: &File, mapping: &MmapRegion, span: Span) -> Result<()> {
@@ -191,6 +220,19 @@ mod tests {
                 crc: 0,
             }),
         }
+    }
+
+    #[test]
+    fn mapping_threshold_keeps_the_longest_spans_within_budget() {
+        let span = |pages: u64| Span {
+            region_offset: 0,
+            file_offset: 0,
+            len: pages * PAGE_SIZE,
+        };
+        let spans = [span(1), span(16), span(40), span(100), span(20)];
+        assert_eq!(mapping_threshold(&spans, 10), MIN_MAPPED_PAGES * PAGE_SIZE);
+        assert_eq!(mapping_threshold(&spans, 2), 40 * PAGE_SIZE);
+        assert_eq!(mapping_threshold(&spans, 0), u64::MAX);
     }
 
     #[test]
