@@ -67,6 +67,9 @@ pub fn create_guest_memory(size: u64, shared: bool) -> Result<GuestMemoryMmap> {
 }
 
 /// Registers every region of `memory` as a KVM memslot (slot numbers from 0, in address order).
+///
+/// The caller keeps `memory` mapped for as long as `vm` exists (the `Vmm` and the tests hold
+/// both together); KVM would otherwise read and write whatever is mapped there later.
 pub fn register_memory(vm: &VmFd, memory: &GuestMemoryMmap) -> Result<()> {
     for (slot, region) in memory.iter().enumerate() {
         let host = memory
@@ -79,8 +82,8 @@ pub fn register_memory(vm: &VmFd, memory: &GuestMemoryMmap) -> Result<()> {
             memory_size: region.len(),
             userspace_addr: host as u64,
         };
-        // SAFETY: the host range is a live mapping owned by `memory`, which the VM keeps alive
-        // for as long as the VM fd exists, and slots do not overlap (regions are disjoint).
+        // SAFETY: the host range is a live mapping owned by `memory`, which the caller keeps
+        // alive as long as the VM (see above); slots do not overlap (regions are disjoint).
         unsafe { vm.set_user_memory_region(slot_region) }
             .map_err(|e| Error::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
     }
