@@ -7,9 +7,10 @@ use std::sync::Arc;
 
 use clap::Parser;
 use integration::api::start_api_server;
-use integration::vmm::config::{self, VmConfig};
+use integration::vmm::config::{self, SerialOutput, VmConfig};
 use integration::vmm::error::Error;
 use integration::vmm::exit::ExitReason;
+use integration::vmm::terminal::RawTerminal;
 use integration::vmm::Vmm;
 
 /// Boot a Linux guest on KVM.
@@ -62,6 +63,7 @@ fn build_config(args: &Args) -> Result<VmConfig, Error> {
 
 fn run(args: Args) -> Result<ExitReason, String> {
     let config = build_config(&args).map_err(|e| e.to_string())?;
+    let vmm_serial_is_tty = config.serial == SerialOutput::Tty;
     let socket = args
         .api_socket
         .as_deref()
@@ -75,6 +77,12 @@ fn run(args: Args) -> Result<ExitReason, String> {
                 .map_err(|e| format!("cannot serve the API on {}: {e}", path.display()))?,
         ),
         None => None,
+    };
+    // Raw mode only when the guest console is on this terminal; restored when `run` returns.
+    let _raw_terminal = if vmm_serial_is_tty {
+        RawTerminal::enable().map_err(|e| format!("cannot set the terminal to raw mode: {e}"))?
+    } else {
+        None
     };
     vmm.boot().map_err(|e| format!("cannot boot: {e}"))?;
     let reason = vmm.run_until_exit().map_err(|e| e.to_string())?;

@@ -12,6 +12,7 @@ pub mod error;
 pub mod exit;
 pub mod layout;
 pub mod memory;
+pub mod terminal;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;
