@@ -11,7 +11,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 use vm_memory::bitmap::Bitmap;
-use vm_memory::GuestRegionMmap;
+use vm_memory::{GuestMemoryRegion, GuestRegionMmap};
 
 use crate::error::{Error, Result};
 use crate::format::PAGE_SIZE;
@@ -23,30 +23,51 @@ const PAGEMAP_SWAPPED: u64 = 1 << 62;
 #[derive(Debug)]
 pub struct Residency {
     pagemap: File,
+    /// For each file-backed region: the page ranges `[first, end)` (region-relative) that hold
+    /// data in the file, found with one `SEEK_DATA`/`SEEK_HOLE` walk of the whole region.
+    /// One walk, because `SEEK_HOLE` cannot be bounded: asking per chunk would rescan the
+    /// rest of a fully populated file for every chunk.
+    file_data: Vec<Option<Vec<(u64, u64)>>>,
 }
 
 impl Residency {
-    /// Opens `/proc/self/pagemap`; `Err(Io)` if it is not readable.
-    pub fn new() -> Result<Self> {
+    /// Opens `/proc/self/pagemap` and walks the data of every file-backed region of
+    /// `regions`; `Err(Io)` if either fails.
+    pub fn new<B: Bitmap>(regions: &[&GuestRegionMmap<B>]) -> Result<Self> {
         let pagemap = File::open("/proc/self/pagemap")
             .map_err(|e| Error::io("open /proc/self/pagemap", e))?;
-        Ok(Residency { pagemap })
+        let file_data = regions
+            .iter()
+            .map(|r| {
+                r.file_offset()
+                    .map(|fo| file_data_ranges(fo.file(), fo.start(), r.len() / PAGE_SIZE))
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Residency { pagemap, file_data })
     }
 
-    /// Fills `out[i]` with whether page `first_page + i` of `region` is populated on the host,
-    /// for `out.len()` pages. Reads no guest memory.
+    /// Fills `out[i]` with whether page `first_page + i` of `region` (index `index` in the
+    /// list given to [`new`](Self::new)) is populated on the host, for `out.len()` pages.
+    /// Reads no guest memory.
     pub fn populated<B: Bitmap>(
         &self,
+        index: usize,
         region: &GuestRegionMmap<B>,
         first_page: u64,
         out: &mut [bool],
     ) -> Result<()> {
         out.fill(false);
         let shared = region.flags() & libc::MAP_SHARED != 0;
-        match region.file_offset() {
-            Some(fo) => {
-                let start = fo.start() + first_page * PAGE_SIZE;
-                file_data(fo.file(), start, out)?;
+        match self.file_data.get(index).and_then(Option::as_ref) {
+            Some(ranges) => {
+                let end = first_page + out.len() as u64;
+                let start = ranges.partition_point(|&(_, e)| e <= first_page);
+                for &(a, b) in ranges[start..].iter().take_while(|&&(a, _)| a < end) {
+                    let from = a.max(first_page) - first_page;
+                    let to = b.min(end) - first_page;
+                    out[from as usize..to as usize].fill(true);
+                }
                 if !shared {
                     self.pagemap_present(region, first_page, out)?;
                 }
@@ -109,9 +130,11 @@ fn seek(file: &File, offset: u64, whence: libc::c_int) -> Result<Option<u64>> {
     Ok(Some(r as u64))
 }
 
-/// Marks in `out` the pages of `[start, start + out.len() pages)` of `file` that hold data.
-fn file_data(file: &File, start: u64, out: &mut [bool]) -> Result<()> {
-    let end = start + out.len() as u64 * PAGE_SIZE;
+/// The page ranges of `[start, start + pages * PAGE_SIZE)` of `file` that hold data, relative
+/// to `start`, in order.
+fn file_data_ranges(file: &File, start: u64, pages: u64) -> Result<Vec<(u64, u64)>> {
+    let end = start + pages * PAGE_SIZE;
+    let mut ranges = Vec::new();
     let mut pos = start;
     while pos < end {
         let Some(data) = seek(file, pos, libc::SEEK_DATA)? else {
@@ -121,10 +144,11 @@ fn file_data(file: &File, start: u64, out: &mut [bool]) -> Result<()> {
             break;
         }
         let hole = seek(file, data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
-        let first = (data - start) / PAGE_SIZE;
-        let last = (hole - start).div_ceil(PAGE_SIZE);
-        out[first as usize..last as usize].fill(true);
+        ranges.push((
+            (data - start) / PAGE_SIZE,
+            (hole - start).div_ceil(PAGE_SIZE),
+        ));
         pos = hole.max(data + 1);
     }
-    Ok(())
+    Ok(ranges)
 }

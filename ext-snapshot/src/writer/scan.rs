@@ -119,7 +119,7 @@ pub(crate) fn scan_chunks<B: Bitmap + Sync>(
     with_crc: bool,
     consume: &mut dyn FnMut(Chunk, ChunkRuns) -> Result<()>,
 ) -> Result<()> {
-    let residency = Residency::new()?;
+    let residency = Residency::new(&source.regions)?;
     let mut chunks: Vec<Chunk> = Vec::new();
     for (ri, r) in source.regions.iter().enumerate() {
         let pages = r.len() / PAGE_SIZE;
@@ -145,7 +145,7 @@ pub(crate) fn scan_chunks<B: Bitmap + Sync>(
             let (ri, first, n) = chunks[i];
             let populated = &mut populated[..n as usize];
             let runs = residency
-                .populated(source.regions[ri], first, populated)
+                .populated(ri, source.regions[ri], first, populated)
                 .and_then(|()| type_chunk(source, ri, first, populated, invalid, dirty, with_crc));
             if runs.is_err() {
                 stop.store(true, Ordering::Relaxed);
