@@ -7,6 +7,7 @@ use std::os::unix::fs::FileExt;
 use ext_snapshot::restore::lazy::restore_lazy;
 use ext_snapshot::restore::mapped::MIN_MAPPED_PAGES;
 use ext_snapshot::{Error, RegionBitmaps, SnapshotFile, SnapshotWriter, WriteOptions, PAGE_SIZE};
+use proptest::prelude::*;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 
 const REGIONS: [(u64, u64); 2] = [(0, 384 * PAGE_SIZE), (64 << 20, 160 * PAGE_SIZE)];
@@ -20,50 +21,68 @@ enum Kind {
 }
 
 struct Fixture {
+    layout: Vec<(u64, u64)>,
     memory: GuestMemoryMmap,
     kinds: Vec<Vec<Kind>>,
     invalid: Vec<Vec<u64>>,
     expected: Vec<Vec<u8>>,
 }
 
-/// Deterministic segments of every kind, with data runs both shorter and longer than
-/// `MIN_MAPPED_PAGES`, so both the mapping and the copying path run.
-fn fixture(seed: u64) -> Fixture {
-    let ranges: Vec<(GuestAddress, usize)> = REGIONS
-        .iter()
-        .map(|&(a, s)| (GuestAddress(a), s as usize))
-        .collect();
-    let memory = GuestMemoryMmap::from_ranges(&ranges).unwrap();
+fn xorshift(seed: u64) -> impl FnMut() -> u64 {
     let mut state = seed | 1;
-    let mut next = move || {
+    move || {
         state ^= state << 13;
         state ^= state >> 7;
         state ^= state << 17;
         state
-    };
-    let mut kinds = Vec::new();
+    }
+}
+
+/// Deterministic segments of every kind on `REGIONS`, with data runs both shorter and longer
+/// than `MIN_MAPPED_PAGES`, so both the mapping and the copying path of mapped restore run.
+fn fixture(seed: u64) -> Fixture {
+    let mut next = xorshift(seed);
+    let kinds = REGIONS
+        .iter()
+        .map(|&(_, size)| {
+            let pages = size / PAGE_SIZE;
+            let mut region_kinds = Vec::new();
+            while (region_kinds.len() as u64) < pages {
+                let kind = [
+                    Kind::Data,
+                    Kind::Hole,
+                    Kind::Zero,
+                    Kind::Invalid,
+                    Kind::Data,
+                ][(next() % 5) as usize];
+                let length = if next() % 3 == 0 {
+                    MIN_MAPPED_PAGES * 2 + next() % 20
+                } else {
+                    1 + next() % 6
+                };
+                for _ in 0..length.min(pages - region_kinds.len() as u64) {
+                    region_kinds.push(kind);
+                }
+            }
+            region_kinds
+        })
+        .collect();
+    build(&REGIONS, kinds, seed)
+}
+
+/// Anonymous guest memory with `layout`, page `p` of region `r` filled as `kinds[r][p]`:
+/// random data, written zeros, nothing (never populated), or random data marked invalid.
+fn build(layout: &[(u64, u64)], kinds: Vec<Vec<Kind>>, seed: u64) -> Fixture {
+    let ranges: Vec<(GuestAddress, usize)> = layout
+        .iter()
+        .map(|&(a, s)| (GuestAddress(a), s as usize))
+        .collect();
+    let memory = GuestMemoryMmap::from_ranges(&ranges).unwrap();
+    let mut next = xorshift(seed ^ 0x5eed);
     let mut invalid = Vec::new();
     let mut expected = Vec::new();
-    for &(addr, size) in &REGIONS {
+    for (&(addr, size), region_kinds) in layout.iter().zip(&kinds) {
         let pages = size / PAGE_SIZE;
-        let mut region_kinds = Vec::new();
-        while (region_kinds.len() as u64) < pages {
-            let kind = [
-                Kind::Data,
-                Kind::Hole,
-                Kind::Zero,
-                Kind::Invalid,
-                Kind::Data,
-            ][(next() % 5) as usize];
-            let length = if next() % 3 == 0 {
-                MIN_MAPPED_PAGES * 2 + next() % 20
-            } else {
-                1 + next() % 6
-            };
-            for _ in 0..length.min(pages - region_kinds.len() as u64) {
-                region_kinds.push(kind);
-            }
-        }
         let mut bits = vec![0u64; pages.div_ceil(64) as usize];
         let mut region_expected = vec![0u8; size as usize];
         for (page, kind) in region_kinds.iter().enumerate() {
@@ -87,16 +106,44 @@ fn fixture(seed: u64) -> Fixture {
                 Kind::Hole => {}
             }
         }
-        kinds.push(region_kinds);
         invalid.push(bits);
         expected.push(region_expected);
     }
     Fixture {
+        layout: layout.to_vec(),
         memory,
         kinds,
         invalid,
         expected,
     }
+}
+
+/// Random region layouts (1 to 3 regions, gaps between them) and random runs of every kind.
+fn layout_and_kinds() -> impl Strategy<Value = (Vec<(u64, u64)>, Vec<Vec<Kind>>)> {
+    let kind = prop_oneof![
+        Just(Kind::Data),
+        Just(Kind::Hole),
+        Just(Kind::Zero),
+        Just(Kind::Invalid)
+    ];
+    let region = (0u64..64, proptest::collection::vec((kind, 1u64..40), 1..8));
+    proptest::collection::vec(region, 1..4).prop_map(|regions| {
+        let mut layout = Vec::new();
+        let mut kinds = Vec::new();
+        let mut cursor = 0u64;
+        for (gap, runs) in regions {
+            let region_kinds: Vec<Kind> = runs
+                .iter()
+                .flat_map(|&(k, n)| std::iter::repeat_n(k, n as usize))
+                .collect();
+            let start = cursor + gap * PAGE_SIZE;
+            let size = region_kinds.len() as u64 * PAGE_SIZE;
+            layout.push((start, size));
+            kinds.push(region_kinds);
+            cursor = start + size;
+        }
+        (layout, kinds)
+    })
 }
 
 fn snapshot(fixture: &Fixture, path: &std::path::Path) {
@@ -108,7 +155,7 @@ fn snapshot(fixture: &Fixture, path: &std::path::Path) {
 }
 
 fn assert_identical(memory: &GuestMemoryMmap, fixture: &Fixture) {
-    for (index, &(addr, size)) in REGIONS.iter().enumerate() {
+    for (index, &(addr, size)) in fixture.layout.iter().enumerate() {
         let mut actual = vec![0u8; size as usize];
         memory.read_slice(&mut actual, GuestAddress(addr)).unwrap();
         for page in 0..(size / PAGE_SIZE) as usize {
@@ -343,4 +390,22 @@ fn diff_snapshots_are_refused() {
         .write_file(&fixture.memory, &diff)
         .unwrap();
     assert!(matches!(restore_lazy(&diff), Err(Error::NeedsParent)));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_layouts_round_trip_through_lazy_restore((layout, kinds) in layout_and_kinds()) {
+        if !userfaultfd_available("random_layouts_round_trip_through_lazy_restore") {
+            return Ok(());
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.snap");
+        let fixture = build(&layout, kinds, layout.len() as u64);
+        snapshot(&fixture, &path);
+        let restore = restore_lazy(&path).unwrap();
+        assert_identical(restore.memory(), &fixture);
+        restore.finish().unwrap();
+    }
 }
