@@ -24,7 +24,6 @@ pub(crate) use to_stream::write_stream as write_stream_from;
 
 use std::io::Write;
 use std::path::Path;
-use std::time::Instant;
 
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestMemory, GuestMemoryRegion, GuestRegionMmap};
@@ -222,38 +221,23 @@ impl<'a> SnapshotWriter<'a> {
         B: Bitmap + Sync,
         W: Write,
     {
-        let (source, header, regions, scan_seconds) = self.prepare(mem)?;
-        let start = Instant::now();
-        let counts = count_pages(&regions);
-        let (header, len) = to_stream::write_stream(out, header, &regions, &source)?;
-        Ok(SnapshotReport {
-            id: header.id,
-            digest: header.digest,
-            pages_by_type: counts,
-            output_bytes: len,
-            scan_seconds,
-            write_seconds: start.elapsed().as_secs_f64(),
-        })
-    }
-
-    #[allow(clippy::type_complexity)]
-    fn prepare<'m, M, B>(
-        &self,
-        mem: &'m M,
-    ) -> Result<(scan::MemorySource<'m, B>, Header, Vec<Region>, f64)>
-    where
-        M: GuestMemory<R = GuestRegionMmap<B>>,
-        B: Bitmap + Sync,
-    {
-        let start = Instant::now();
         let (source, header) = self.check(mem)?;
-        let typed = scan::scan(
+        let w = to_stream::write_memory_stream(
+            out,
+            header,
             &source,
             self.invalid,
             self.diff.as_ref().map(|d| d.dirty),
             self.options.threads.max(1),
         )?;
-        Ok((source, header, typed, start.elapsed().as_secs_f64()))
+        Ok(SnapshotReport {
+            id: w.header.id,
+            digest: w.header.digest,
+            pages_by_type: w.pages_by_type,
+            output_bytes: w.len,
+            scan_seconds: w.scan_seconds,
+            write_seconds: w.write_seconds,
+        })
     }
 
     /// Checks the memory layout (and against the parent for a diff); returns the memory as a

@@ -49,6 +49,14 @@ impl<'m, B: Bitmap> MemorySource<'m, B> {
         MemorySource { regions }
     }
 
+    /// `(guest address, size)` of every region.
+    pub(crate) fn layout(&self) -> Vec<(u64, u64)> {
+        self.regions
+            .iter()
+            .map(|r| (r.start_addr().0, r.len()))
+            .collect()
+    }
+
     /// The bytes of pages `[first_page, first_page + pages)` of region `region`.
     ///
     /// Callers pass page ranges inside the region (they come from the scan of that region).
@@ -180,31 +188,6 @@ pub(crate) fn scan_chunks<B: Bitmap + Sync>(
         stop.store(true, Ordering::Relaxed);
         result
     })
-}
-
-/// Types every page of every region; returns regions with runs (no extents yet). Data runs are
-/// split to at most [`MAX_DATA_RUN_PAGES`] pages.
-pub(crate) fn scan<B: Bitmap + Sync>(
-    source: &MemorySource<'_, B>,
-    invalid: Option<&dyn PageSet>,
-    dirty: Option<&dyn PageSet>,
-    threads: usize,
-) -> Result<Vec<Region>> {
-    let mut regions = empty_regions(source);
-    scan_chunks(
-        source,
-        invalid,
-        dirty,
-        threads,
-        false,
-        &mut |(ri, _, _), runs| {
-            for r in runs {
-                push_run(&mut regions[ri].runs, r.page_type, r.pages);
-            }
-            Ok(())
-        },
-    )?;
-    Ok(regions)
 }
 
 /// The regions of `source` with no runs yet.
