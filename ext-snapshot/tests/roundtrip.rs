@@ -211,3 +211,32 @@ fn never_populated_pages_are_not_read_by_the_writer() {
         "the writer populated pages it should not read"
     );
 }
+
+#[test]
+fn shared_anonymous_memory_is_read_in_full() {
+    use vm_memory::{GuestRegionMmap, MmapRegion};
+    // pagemap does not report swapped-out shmem pages, so the writer reads every page of
+    // shared anonymous memory: untouched pages come out as zero pages, not as holes.
+    let region = MmapRegion::build(
+        None,
+        8 * PAGE_SIZE as usize,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_SHARED | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+    )
+    .expect("map shared anonymous memory");
+    let region = GuestRegionMmap::new(region, GuestAddress(0)).expect("region");
+    let mem = GuestMemoryMmap::from_regions(vec![region]).expect("memory");
+    mem.write_slice(&[7u8; 16], GuestAddress(3 * PAGE_SIZE))
+        .expect("write");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("s");
+    let report = SnapshotWriter::new(WriteOptions::default())
+        .write_file(&mem, &path)
+        .expect("write");
+    assert_eq!(report.pages(PageType::Data), 1);
+    assert_eq!(report.pages(PageType::Zero), 7);
+    let snapshot = SnapshotFile::open(&path).expect("open");
+    let target = fresh_memory(&snapshot.layout()).expect("fresh");
+    restore_eager(&snapshot, &target, EagerOptions::default()).expect("restore");
+    assert!(read_memory(&target) == read_memory(&mem));
+}
