@@ -373,6 +373,24 @@ fn handler_serves_clones_and_stops_when_the_last_is_dropped() {
 }
 
 #[test]
+fn concurrent_faults_from_several_threads_see_identical_memory() {
+    if !userfaultfd_available("concurrent_faults_from_several_threads_see_identical_memory") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.snap");
+    let fixture = fixture(43);
+    snapshot(&fixture, &path);
+    let restore = restore_lazy(&path).unwrap();
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            scope.spawn(|| assert_identical(restore.memory(), &fixture));
+        }
+    });
+    restore.finish().unwrap();
+}
+
+#[test]
 fn diff_snapshots_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.snap");

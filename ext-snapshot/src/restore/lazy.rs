@@ -367,6 +367,11 @@ impl Handler {
         if bit(&state.discarded, page) || !run.page_type.has_data() {
             return self.zero_page(index, page);
         }
+        if bit(&state.served, page) {
+            // Several threads faulted on the page; the first fault's copy already filled it.
+            let target = state.host_start + (page * PAGE_SIZE) as usize;
+            return self.wake(target);
+        }
         let Some(extent) = run.extent else {
             return Err(Error::Inconsistent("data run without extent".into()));
         };
