@@ -152,9 +152,15 @@ pub(crate) fn scan_chunks<B: Bitmap + Sync>(
             }
             let (ri, first, n) = chunks[i];
             let populated = &mut populated[..n as usize];
-            let runs = residency
-                .populated(ri, source.regions[ri], first, populated)
-                .and_then(|()| type_chunk(source, ri, first, populated, invalid, dirty, with_crc));
+            // A panic here must still fill the slot: the consumer waits for it in order.
+            let runs = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                residency
+                    .populated(ri, source.regions[ri], first, populated)
+                    .and_then(|()| {
+                        type_chunk(source, ri, first, populated, invalid, dirty, with_crc)
+                    })
+            }))
+            .unwrap_or_else(|_| Err(poisoned()));
             if runs.is_err() {
                 stop.store(true, Ordering::Relaxed);
             }
