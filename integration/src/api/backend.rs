@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 
+use ext_perm::api::{AssignViewRequest, CreateViewRequest, EventsResponse, SetPermissionsRequest};
 use serde::{Deserialize, Serialize};
 
 /// The lifecycle state of the VM, as Cloud Hypervisor reports it in `vm.info`.
@@ -54,6 +55,29 @@ pub type VmCounters = BTreeMap<String, BTreeMap<String, u64>>;
 pub struct VmSnapshotConfig {
     /// Where to write the snapshot, e.g. `file:///var/snapshots/vm1`.
     pub destination_url: String,
+}
+
+/// Body of `GET /api/v1/ext/perm.capabilities`: how this VM enforces page permissions.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PermCapabilities {
+    /// Enforcement backend ("kvm-memslot").
+    pub backend: String,
+    /// Whether views are enforced per vCPU without exits (false on KVM memslots).
+    pub per_vcpu_views: bool,
+    /// RAM memslots registered right now (grows as protections split RAM).
+    pub memslots: u64,
+    /// `KVM_SET_USER_MEMORY_REGION` calls made by the backend so far.
+    pub memslot_operations: u64,
+    /// ext-perm's capability probe of this host's KVM.
+    pub kvm: serde_json::Value,
+}
+
+/// The answer of a backend without page-permission support.
+fn perm_not_supported() -> ApiError {
+    ApiError::new(
+        501,
+        "page permissions (ext/perm.*) are not available in this VMM",
+    )
 }
 
 /// An error the backend returns; the server turns it into an HTTP status and a JSON array of
@@ -114,5 +138,28 @@ pub trait VmmBackend: Send + Sync + 'static {
             501,
             "vm.snapshot is not supported by this VMM",
         ))
+    }
+    /// `PUT ext/perm.create-view`: create a permission view (ext-perm). Default: 501.
+    fn perm_create_view(&self, request: &CreateViewRequest) -> Result<(), ApiError> {
+        let _ = request;
+        Err(perm_not_supported())
+    }
+    /// `PUT ext/perm.set`: set permissions on a guest-physical range of a view. Default: 501.
+    fn perm_set(&self, request: &SetPermissionsRequest) -> Result<(), ApiError> {
+        let _ = request;
+        Err(perm_not_supported())
+    }
+    /// `PUT ext/perm.assign`: put a vCPU in a view. Default: 501.
+    fn perm_assign(&self, request: &AssignViewRequest) -> Result<(), ApiError> {
+        let _ = request;
+        Err(perm_not_supported())
+    }
+    /// `GET ext/perm.violations`: violation and grant reports and counters. Default: 501.
+    fn perm_violations(&self) -> Result<EventsResponse, ApiError> {
+        Err(perm_not_supported())
+    }
+    /// `GET ext/perm.capabilities`: the enforcement backend and KVM's capabilities. Default: 501.
+    fn perm_capabilities(&self) -> Result<PermCapabilities, ApiError> {
+        Err(perm_not_supported())
     }
 }

@@ -79,6 +79,19 @@ const ROUTES: &[Route] = &[
     Route::put_json("vm.snapshot", |vmm, body| {
         vmm.vm_snapshot(&from_json(body)?)
     }),
+    Route::put_json("ext/perm.create-view", |vmm, body| {
+        vmm.perm_create_view(&from_json(body)?)
+    }),
+    Route::put_json("ext/perm.set", |vmm, body| vmm.perm_set(&from_json(body)?)),
+    Route::put_json("ext/perm.assign", |vmm, body| {
+        vmm.perm_assign(&from_json(body)?)
+    }),
+    Route::get("ext/perm.violations", |vmm| {
+        to_json(&vmm.perm_violations()?)
+    }),
+    Route::get("ext/perm.capabilities", |vmm| {
+        to_json(&vmm.perm_capabilities()?)
+    }),
 ];
 
 /// Answers one request. `target` is the request target as received (a query string, which

@@ -12,6 +12,7 @@ pub mod error;
 pub mod exit;
 pub mod layout;
 pub mod memory;
+pub mod perm;
 pub mod terminal;
 pub mod vcpu;
 pub mod virtio;
@@ -54,6 +55,8 @@ pub struct Vmm {
     serial_counters: Arc<SerialCounters>,
     vcpu_counters: Vec<Arc<VcpuCounters>>,
     virtio: Vec<VirtioSlot>,
+    /// ext-perm's permission manager of this VM, for the `ext/perm.*` endpoints.
+    perm: Option<Arc<perm::PermHook>>,
 }
 
 /// Wakes the main loop when the VM wants to stop; the loop then reads the reason.
@@ -79,6 +82,7 @@ impl Vmm {
         let mut vm = Vm::new(&config)?;
         let virtio = std::mem::take(&mut vm.virtio);
         Ok(Vmm {
+            perm: vm.perm.clone(),
             exit: vm.exit.clone(),
             control: Arc::new(VcpuControl::default()),
             serial: vm.serial.clone(),
@@ -254,6 +258,18 @@ impl Vmm {
     }
 }
 
+impl Vmm {
+    /// The VM's permission manager, or 501 when ext-perm could not attach (see the log).
+    fn perm_hook(&self) -> std::result::Result<&perm::PermHook, ApiError> {
+        self.perm.as_deref().ok_or_else(|| {
+            ApiError::new(
+                501,
+                "page permissions are unavailable: ext-perm could not take over the memslots",
+            )
+        })
+    }
+}
+
 fn io_error(e: event_manager::Error) -> std::io::Error {
     std::io::Error::other(format!("{e:?}"))
 }
@@ -307,5 +323,34 @@ impl VmmBackend for Vmm {
 
     fn vm_counters(&self) -> std::result::Result<VmCounters, ApiError> {
         Ok(self.counters())
+    }
+
+    fn perm_create_view(
+        &self,
+        request: &ext_perm::api::CreateViewRequest,
+    ) -> std::result::Result<(), ApiError> {
+        self.perm_hook()?.create_view(request)
+    }
+
+    fn perm_set(
+        &self,
+        request: &ext_perm::api::SetPermissionsRequest,
+    ) -> std::result::Result<(), ApiError> {
+        self.perm_hook()?.set(request)
+    }
+
+    fn perm_assign(
+        &self,
+        request: &ext_perm::api::AssignViewRequest,
+    ) -> std::result::Result<(), ApiError> {
+        self.perm_hook()?.assign(request)
+    }
+
+    fn perm_violations(&self) -> std::result::Result<ext_perm::api::EventsResponse, ApiError> {
+        Ok(self.perm_hook()?.violations())
+    }
+
+    fn perm_capabilities(&self) -> std::result::Result<crate::api::PermCapabilities, ApiError> {
+        Ok(self.perm_hook()?.capabilities())
     }
 }

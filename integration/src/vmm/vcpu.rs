@@ -18,6 +18,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use super::bus::Bus;
 use super::error::{Error, Result};
 use super::exit::{ExitEvent, ExitReason};
+use super::perm::{DeferredExit, PermHook};
 
 /// Per-vCPU exit counters, exported through `vm.counters`.
 #[derive(Default)]
@@ -173,6 +174,8 @@ pub struct Vcpu {
     pub exit: Arc<ExitEvent>,
     /// Exit counters.
     pub counters: Arc<VcpuCounters>,
+    /// ext-perm: permission exits go there first (`None`: no permission checks).
+    pub perm: Option<Arc<PermHook>>,
 }
 
 /// Why a vCPU loop ended.
@@ -190,7 +193,15 @@ impl Vcpu {
     /// Handles one exit; `Ok(None)` means keep running.
     fn handle_exit(&mut self) -> Result<Option<VcpuStop>> {
         let id = self.id;
-        let exit = match self.fd.run() {
+        if let Some(perm) = &self.perm {
+            perm.enter(id);
+        }
+        let result = self.fd.run();
+        if let Some(perm) = &self.perm {
+            perm.leave(id);
+        }
+        let mut deferred = None;
+        let exit = match result {
             Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 self.fd.set_kvm_immediate_exit(0);
@@ -216,14 +227,18 @@ impl Vcpu {
             }
             VcpuExit::MmioRead(addr, data) => {
                 self.counters.mmio_read.fetch_add(1, Ordering::Relaxed);
-                if !self.mmio.read(addr, data) {
+                if self.perm.is_some() {
+                    deferred = Some(DeferredExit::mmio_read(addr, data));
+                } else if !self.mmio.read(addr, data) {
                     data.fill(0);
                     tracing::debug!("vCPU {id}: unclaimed MMIO read {addr:#x}");
                 }
             }
             VcpuExit::MmioWrite(addr, data) => {
                 self.counters.mmio_write.fetch_add(1, Ordering::Relaxed);
-                if !self.mmio.write(addr, data) {
+                if self.perm.is_some() {
+                    deferred = Some(DeferredExit::mmio_write(addr, data));
+                } else if !self.mmio.write(addr, data) {
                     tracing::debug!("vCPU {id}: unclaimed MMIO write {addr:#x} <- {data:x?}");
                 }
             }
@@ -250,6 +265,12 @@ impl Vcpu {
                     ),
                 ));
             }
+            VcpuExit::InternalError if self.perm.is_some() => {
+                deferred = Some(DeferredExit::InternalError);
+            }
+            VcpuExit::Debug(_) if self.perm.is_some() => {
+                deferred = Some(DeferredExit::Debug);
+            }
             VcpuExit::InternalError => {
                 let suberror = internal_error_suberror(&mut self.fd);
                 return Err(Error::VcpuExit(
@@ -265,14 +286,27 @@ impl Vcpu {
                 tracing::debug!("vCPU {id}: ignored exit {other:?}");
             }
         }
-        Ok(None)
+        match deferred {
+            Some(exit) => self.handle_deferred_exit(exit),
+            None => Ok(None),
+        }
     }
 
     /// Runs until the guest halts/exits, an error occurs, or `control` asks to stop.
     pub fn run(&mut self, control: &VcpuControl) -> Result<VcpuStop> {
+        let stop = self.run_until_stop(control);
+        self.release_permission_grant();
+        stop
+    }
+
+    fn run_until_stop(&mut self, control: &VcpuControl) -> Result<VcpuStop> {
         loop {
-            if control.pending.load(Ordering::SeqCst) && !control.park() {
-                return Ok(VcpuStop::Stopped);
+            if control.pending.load(Ordering::SeqCst) {
+                // A parked vCPU must not keep the others held by a grant.
+                self.release_permission_grant();
+                if !control.park() {
+                    return Ok(VcpuStop::Stopped);
+                }
             }
             if let Some(stop) = self.handle_exit()? {
                 return Ok(stop);
@@ -282,7 +316,7 @@ impl Vcpu {
 }
 
 /// Where the guest was, for error messages.
-fn guest_position(fd: &VcpuFd) -> String {
+pub(super) fn guest_position(fd: &VcpuFd) -> String {
     match (fd.get_regs(), fd.get_sregs()) {
         (Ok(regs), Ok(sregs)) => format!(
             "rip {:#x} cs {:#x} cr0 {:#x} cr3 {:#x} efer {:#x}",

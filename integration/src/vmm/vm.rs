@@ -27,6 +27,7 @@ use super::error::{Error, Result};
 use super::exit::ExitEvent;
 use super::layout::*;
 use super::memory::{create_guest_memory, register_memory};
+use super::perm::PermHook;
 use super::vcpu::{Vcpu, VcpuCounters};
 use super::virtio::block::Block;
 use super::virtio::console::Console;
@@ -63,6 +64,8 @@ pub struct Vm {
     pub vcpus: Vec<Vcpu>,
     /// Per-vCPU exit counters (same order).
     pub vcpu_counters: Vec<Arc<VcpuCounters>>,
+    /// ext-perm's permission manager over the RAM memslots (`None` if it could not attach).
+    pub perm: Option<Arc<PermHook>>,
 }
 
 /// Opens `/dev/kvm` and creates a VM with the in-kernel LAPIC/IOAPIC/PIC and PIT.
@@ -166,6 +169,13 @@ impl Vm {
         let (kvm, fd) = create_kvm_vm()?;
         let memory = create_guest_memory(config.memory_size, config.memory_shared)?;
         register_memory(&fd, &memory)?;
+        let perm = match PermHook::attach(&kvm, &fd, &memory, config.cpus) {
+            Ok(perm) => Some(Arc::new(perm)),
+            Err(e) => {
+                tracing::warn!("page permissions (ext-perm) unavailable: {e}");
+                None
+            }
+        };
         let exit = Arc::new(ExitEvent::new()?);
 
         let mut pio = Bus::new();
@@ -240,6 +250,7 @@ impl Vm {
                 mmio: mmio.clone(),
                 exit: exit.clone(),
                 counters,
+                perm: perm.clone(),
             });
         }
         tracing::info!(
@@ -260,6 +271,7 @@ impl Vm {
             virtio,
             vcpus,
             vcpu_counters,
+            perm,
         })
     }
 }
