@@ -137,8 +137,18 @@ fn file_data_ranges(file: &File, start: u64, pages: u64) -> Result<Vec<(u64, u64
     let mut ranges = Vec::new();
     let mut pos = start;
     while pos < end {
-        let Some(data) = seek(file, pos, libc::SEEK_DATA)? else {
-            break;
+        let data = match seek(file, pos, libc::SEEK_DATA) {
+            Ok(Some(data)) => data,
+            Ok(None) => break,
+            // A filesystem without SEEK_DATA support: every page counts as populated (read
+            // and zero-checked), as a dense copy would.
+            Err(Error::Io { source, .. })
+                if pos == start
+                    && matches!(source.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) =>
+            {
+                return Ok(vec![(0, pages)]);
+            }
+            Err(e) => return Err(e),
         };
         if data >= end {
             break;
