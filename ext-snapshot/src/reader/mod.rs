@@ -18,6 +18,9 @@ use crate::error::{Error, Result};
 use crate::format::{Extent, Header, Region, MAX_DATA_RUN_PAGES, PAGE_SIZE};
 use crate::page_type::PageType;
 
+/// Below this much data, extents are verified on one thread.
+const PARALLEL_VERIFY_BYTES: u64 = 16 << 20;
+
 /// An open, structurally validated snapshot file.
 #[derive(Debug)]
 pub struct SnapshotFile {
@@ -130,8 +133,11 @@ impl SnapshotFile {
                 }
             }
         };
+        // Spawning is not worth it for a small snapshot.
+        let data: u64 = extents.iter().map(|e| e.len).sum();
+        let threads = if data < PARALLEL_VERIFY_BYTES { 1 } else { 2 };
         std::thread::scope(|s| {
-            let handles: Vec<_> = (0..2).map(|_| s.spawn(worker)).collect();
+            let handles: Vec<_> = (0..threads).map(|_| s.spawn(worker)).collect();
             handles.into_iter().try_for_each(|h| {
                 h.join().map_err(|_| {
                     Error::io(

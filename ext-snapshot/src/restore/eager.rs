@@ -132,9 +132,14 @@ where
         }
     };
     let (data_pages, discarded_pages) = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..options.threads.max(1))
-            .map(|_| s.spawn(worker))
-            .collect();
+        // Spawning is not worth it for a small restore.
+        let pages: u64 = work.iter().map(|(_, s)| s.pages).sum();
+        let threads = if pages < 4096 {
+            1
+        } else {
+            options.threads.max(1)
+        };
+        let handles: Vec<_> = (0..threads).map(|_| s.spawn(worker)).collect();
         handles.into_iter().try_fold((0, 0), |(d, z), h| {
             let (d2, z2) = h.join().map_err(|_| {
                 Error::io(

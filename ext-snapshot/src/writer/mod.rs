@@ -40,7 +40,8 @@ pub struct WriteOptions {
     /// writer (stream encoding, which cannot sync). Off by default: a snapshot that must
     /// survive a host crash asks for it.
     pub fsync: bool,
-    /// Threads used to type pages and to write file data (at least 1; default 2).
+    /// Threads typing pages and checksumming data (at least 1; default 2). The calling thread
+    /// writes the output meanwhile, in memory order.
     pub threads: usize,
 }
 
