@@ -135,18 +135,21 @@ impl SnapshotFile {
         };
         // Spawning is not worth it for a small snapshot.
         let data: u64 = extents.iter().map(|e| e.len).sum();
-        let threads = if data < PARALLEL_VERIFY_BYTES { 1 } else { 2 };
-        std::thread::scope(|s| {
-            let handles: Vec<_> = (0..threads).map(|_| s.spawn(worker)).collect();
-            handles.into_iter().try_for_each(|h| {
-                h.join().map_err(|_| {
-                    Error::io(
-                        "verify thread",
-                        std::io::Error::other("verify thread panicked"),
-                    )
-                })?
-            })
-        })?;
+        if data < PARALLEL_VERIFY_BYTES {
+            worker()?;
+        } else {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = (0..2).map(|_| s.spawn(worker)).collect();
+                handles.into_iter().try_for_each(|h| {
+                    h.join().map_err(|_| {
+                        Error::io(
+                            "verify thread",
+                            std::io::Error::other("verify thread panicked"),
+                        )
+                    })?
+                })
+            })?;
+        }
         self.data_verified.store(true, Ordering::Release);
         Ok(())
     }

@@ -131,25 +131,26 @@ where
             }
         }
     };
-    let (data_pages, discarded_pages) = std::thread::scope(|s| {
-        // Spawning is not worth it for a small restore.
-        let pages: u64 = work.iter().map(|(_, s)| s.pages).sum();
-        let threads = if pages < 4096 {
-            1
-        } else {
-            options.threads.max(1)
-        };
-        let handles: Vec<_> = (0..threads).map(|_| s.spawn(worker)).collect();
-        handles.into_iter().try_fold((0, 0), |(d, z), h| {
-            let (d2, z2) = h.join().map_err(|_| {
-                Error::io(
-                    "restore thread",
-                    std::io::Error::other("restore thread panicked"),
-                )
-            })??;
-            Ok::<_, Error>((d + d2, z + z2))
-        })
-    })?;
+    // Spawning is not worth it for a small restore.
+    let pages: u64 = work.iter().map(|(_, s)| s.pages).sum();
+    let (data_pages, discarded_pages) = if pages < 4096 {
+        worker()?
+    } else {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..options.threads.max(1))
+                .map(|_| s.spawn(worker))
+                .collect();
+            handles.into_iter().try_fold((0, 0), |(d, z), h| {
+                let (d2, z2) = h.join().map_err(|_| {
+                    Error::io(
+                        "restore thread",
+                        std::io::Error::other("restore thread panicked"),
+                    )
+                })??;
+                Ok::<_, Error>((d + d2, z + z2))
+            })
+        })?
+    };
     Ok(RestoreReport {
         data_pages,
         discarded_pages,
