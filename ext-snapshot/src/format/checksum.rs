@@ -132,7 +132,22 @@ mod tests {
                 state as u8
             })
             .collect();
-        for len in [0, 1, 7, 767, 768, 769, 1023, 1024, 1025, 1543, 4096, 4096 * 3 + 5, 65536, 70_000] {
+        for len in [
+            0,
+            1,
+            7,
+            767,
+            768,
+            769,
+            1023,
+            1024,
+            1025,
+            1543,
+            4096,
+            4096 * 3 + 5,
+            65536,
+            70_000,
+        ] {
             for start in [0, 1, 3] {
                 let d = &data[start..len.max(start)];
                 assert_eq!(crc32c(d), crc32c::crc32c(d), "len {len} start {start}");
