@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use ext_perm::api::{AssignViewRequest, CreateViewRequest, SetPermissionsRequest};
+use ext_perm::Permissions;
 use integration::api::{ApiClient, ApiResponse};
 
 /// Exit status when the VMM answered with an error.
@@ -31,7 +33,7 @@ struct Cli {
 }
 
 /// The requests `ext-remote` can send.
-#[derive(Subcommand, Debug, Clone, Copy)]
+#[derive(Subcommand, Debug, Clone)]
 enum Command {
     /// Check that the VMM answers; prints its version and pid.
     Ping,
@@ -47,11 +49,57 @@ enum Command {
     ShutdownVmm,
     /// Print the VM's device counters.
     Counters,
+    /// Create a page-permission view (ext-perm).
+    PermCreateView {
+        /// New view id (view 0 always exists).
+        #[arg(long)]
+        view: u16,
+        /// Permissions of every page not set explicitly, e.g. `rwx`.
+        #[arg(long, default_value = "rwx")]
+        default_permissions: Permissions,
+    },
+    /// Set permissions on a guest-physical range of a view (ext-perm).
+    PermSet {
+        /// The view to change.
+        #[arg(long, default_value_t = 0)]
+        view: u16,
+        /// Page-aligned guest-physical address (decimal or 0x-prefixed hex).
+        #[arg(long, value_parser = parse_u64)]
+        gpa: u64,
+        /// Page-aligned size in bytes (decimal or 0x-prefixed hex).
+        #[arg(long, value_parser = parse_u64, default_value = "4096")]
+        size: u64,
+        /// Permissions, e.g. `r-x`.
+        #[arg(long)]
+        permissions: Permissions,
+    },
+    /// Put a vCPU in a view (ext-perm).
+    PermAssign {
+        /// vCPU index.
+        #[arg(long)]
+        vcpu: u32,
+        /// View id.
+        #[arg(long)]
+        view: u16,
+    },
+    /// Print the permission violation and grant reports with the counters (ext-perm).
+    PermViolations,
+    /// Print how the VM enforces page permissions (ext-perm).
+    PermCapabilities,
+}
+
+/// Parses a decimal or `0x`-prefixed hexadecimal number.
+fn parse_u64(text: &str) -> Result<u64, String> {
+    let parsed = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => text.parse(),
+    };
+    parsed.map_err(|e| format!("{text:?} is not a number: {e}"))
 }
 
 impl Command {
     /// HTTP method and endpoint, as in Cloud Hypervisor's API.
-    fn endpoint(self) -> (&'static str, &'static str) {
+    fn endpoint(&self) -> (&'static str, &'static str) {
         match self {
             Command::Ping => ("GET", "vmm.ping"),
             Command::Info => ("GET", "vm.info"),
@@ -60,6 +108,43 @@ impl Command {
             Command::Shutdown => ("PUT", "vm.shutdown"),
             Command::ShutdownVmm => ("PUT", "vmm.shutdown"),
             Command::Counters => ("GET", "vm.counters"),
+            Command::PermCreateView { .. } => ("PUT", "ext/perm.create-view"),
+            Command::PermSet { .. } => ("PUT", "ext/perm.set"),
+            Command::PermAssign { .. } => ("PUT", "ext/perm.assign"),
+            Command::PermViolations => ("GET", "ext/perm.violations"),
+            Command::PermCapabilities => ("GET", "ext/perm.capabilities"),
+        }
+    }
+
+    /// The JSON request body, for the endpoints that take one.
+    fn body(&self) -> Result<Option<Vec<u8>>, serde_json::Error> {
+        match self {
+            Command::PermCreateView {
+                view,
+                default_permissions,
+            } => serde_json::to_vec(&CreateViewRequest {
+                view: *view,
+                default_permissions: *default_permissions,
+            })
+            .map(Some),
+            Command::PermSet {
+                view,
+                gpa,
+                size,
+                permissions,
+            } => serde_json::to_vec(&SetPermissionsRequest {
+                view: *view,
+                gpa: *gpa,
+                size: *size,
+                permissions: *permissions,
+            })
+            .map(Some),
+            Command::PermAssign { vcpu, view } => serde_json::to_vec(&AssignViewRequest {
+                vcpu: *vcpu,
+                view: *view,
+            })
+            .map(Some),
+            _ => Ok(None),
         }
     }
 }
@@ -77,8 +162,15 @@ fn report_refusal(method: &str, endpoint: &str, response: &ApiResponse) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (method, endpoint) = cli.command.endpoint();
+    let body = match cli.command.body() {
+        Ok(body) => body,
+        Err(err) => {
+            eprintln!("ext-remote: cannot encode the {endpoint} request: {err}");
+            return ExitCode::from(EXIT_NO_ANSWER);
+        }
+    };
     let response = ApiClient::connect(&cli.api_socket)
-        .and_then(|mut client| client.request(method, endpoint, None));
+        .and_then(|mut client| client.request(method, endpoint, body.as_deref()));
     match response {
         Ok(response) if response.is_success() => {
             if !response.body.is_empty() {
