@@ -44,3 +44,8 @@ fn lab_boot() {
 fn lab_api() {
     run_scenario("api");
 }
+
+#[test]
+fn lab_perm() {
+    run_scenario("perm");
+}
