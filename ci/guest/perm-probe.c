@@ -20,6 +20,10 @@
  *             EXT-PERM-STRADDLE sigsegv=<n> rax=<rax at the fault> fault_off=<rip - page b>
  *   restore   all three again (expects everything allowed):
  *             EXT-PERM-RESTORED exec=<rax> straddle=<rax> value=<read back> sigsegv=<n>
+ *   views     pinned to CPU 0, writes 0x3333333333333333 to the data page; pinned to CPU 1,
+ *             writes 0x4444444444444444 (the scenario puts vCPU 1 in a view where the page
+ *             is read-only):
+ *             EXT-PERM-VIEWS cpu0=<cpu> value0=<read back> sigsegv0=<n> cpu1=... value1=...
  *   done      prints EXT-PERM-DONE and exits.
  *
  * A refused access reaches the program as SIGSEGV (ext-vmm injects #GP(0)); the handler
@@ -27,6 +31,7 @@
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
+#include <sched.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <stdint.h>
@@ -42,6 +47,8 @@
 #define VALUE_NEW 0x2222222222222222ULL
 #define STRADDLE_IMM 0x1122334455667788ULL
 #define EXEC_RESULT 0x600dULL
+#define VALUE_CPU0 0x3333333333333333ULL
+#define VALUE_CPU1 0x4444444444444444ULL
 
 typedef uint64_t (*guest_fn)(void);
 
@@ -97,6 +104,18 @@ static int store_guarded(volatile uint64_t *slot, uint64_t value)
         return 0;
     *slot = value;
     return 1;
+}
+
+/* Moves this process to `cpu` (the guest's CPU n is vCPU n); returns the CPU it runs on. */
+static int run_on(int cpu)
+{
+    cpu_set_t set;
+
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    if (sched_setaffinity(0, sizeof(set), &set) != 0)
+        return -1;
+    return sched_getcpu();
 }
 
 /* Reads console lines until one equals command. */
@@ -200,6 +219,26 @@ int main(void)
     printf("EXT-PERM-RESTORED exec=%#llx straddle=%#llx value=%#llx sigsegv=%d\n",
            (unsigned long long)exec_result, (unsigned long long)straddle_result,
            (unsigned long long)*value, (int)faults);
+
+    wait_for("views");
+    {
+        int cpu0, cpu1, faults0, faults1;
+        uint64_t value0, value1;
+
+        faults = 0;
+        cpu0 = run_on(0);
+        store_guarded(value, VALUE_CPU0);
+        value0 = *value;
+        faults0 = faults;
+        faults = 0;
+        cpu1 = run_on(1);
+        store_guarded(value, VALUE_CPU1);
+        value1 = *value;
+        faults1 = faults;
+        printf("EXT-PERM-VIEWS cpu0=%d value0=%#llx sigsegv0=%d cpu1=%d value1=%#llx sigsegv1=%d\n",
+               cpu0, (unsigned long long)value0, faults0, cpu1, (unsigned long long)value1,
+               faults1);
+    }
 
     wait_for("done");
     printf("EXT-PERM-DONE\n");

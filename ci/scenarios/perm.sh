@@ -10,6 +10,10 @@
 #                           under a temporary grant (RAX holds its immediate), and the `ret`
 #                           right after it in page b is refused again: SIGSEGV at b+5
 #   4. all rwx again     -> everything runs, the write lands, memslots are merged back
+#   5. view 1 (data page r-x) assigned to vCPU 1 -> the probe's write from CPU 0 lands
+#                           (emulated by ext-perm: memslots carry the intersection of views),
+#                           the same write from CPU 1 is refused
+# The guest has two vCPUs, so the grant in phase 3 holds the other vCPU out of guest mode.
 # Each guest-visible result is checked, and so are the violation and grant reports and
 # counters read over REST (ext/perm.violations).
 # shellcheck source=ci/scenarios/lib.sh
@@ -75,7 +79,7 @@ exec 3<>"$console_in"
 start_background "$log" 400 sh -c 'input=$1; shift; exec ext-vmm "$@" <"$input"' sh "$console_in" \
     --kernel "$L2_KERNEL" --initramfs "$L2_INITRAMFS" \
     --cmdline "console=ttyS0 loglevel=4 panic=-1 ext.test=perm" \
-    --cpus boot=1 --memory size=512M,shared=off --serial tty --api-socket "path=$sock"
+    --cpus boot=2 --memory size=512M,shared=off --serial tty --api-socket "path=$sock"
 VMM_PID=$BG_PID
 VMM_STARTED=$BG_STARTED
 
@@ -152,6 +156,27 @@ memslots_after=$(json_number memslots)
     || fail "memslots not merged back: $memslots_before before, $memslots_after after"
 violations
 [ "$(json_number violations)" = 3 ] || fail "violations after restoring every page: $(json_number violations)"
+
+# 5. Per-vCPU views: vCPU 1 in view 1, where the data page is read-only.
+remote perm-create-view --view 1 --default-permissions rwx || fail "create-view failed: $(cat /tmp/remote.out)"
+remote perm-set --view 1 --gpa "$data" --size 4096 --permissions r-x || fail "perm-set view 1 failed"
+remote perm-assign --vcpu 1 --view 1 || fail "perm-assign failed: $(cat /tmp/remote.out)"
+phase views EXT-PERM-VIEWS
+expect EXT-PERM-VIEWS cpu0 0 "the probe could not run on CPU 0"
+expect EXT-PERM-VIEWS cpu1 1 "the probe could not run on CPU 1"
+expect EXT-PERM-VIEWS sigsegv0 0 "vCPU 0 (view 0, data rwx) was refused its write"
+expect EXT-PERM-VIEWS value0 0x3333333333333333 "vCPU 0's write did not land"
+expect EXT-PERM-VIEWS sigsegv1 1 "vCPU 1 (view 1, data r-x) was not refused its write"
+expect EXT-PERM-VIEWS value1 0x3333333333333333 "vCPU 1's refused write reached memory"
+violations
+[ "$(json_number violations)" = 4 ] || fail "expected 4 violations after the views phase"
+grep -q '"vcpu":1,"view":1,"access":"write","kind":"data","gpa":'"$((data))"',' /tmp/remote.out \
+    || fail "no write violation of vCPU 1 in view 1 reported"
+[ "$(json_number emulated_writes)" -ge 1 ] || fail "vCPU 0's write was not emulated by ext-perm"
+remote perm-assign --vcpu 1 --view 0 || fail "perm-assign back to view 0 failed"
+remote perm-capabilities || fail "perm.capabilities failed: $(cat /tmp/remote.out)"
+[ "$(json_number memslots)" = "$memslots_before" ] || fail "memslots not merged back after the views phase"
+violations
 
 metric "perm_violations=$(json_number violations) perm_straddle_grants=$(json_number straddle_grants)" \
     "perm_single_step_grants=$(json_number single_step_grants) perm_emulated_grants=$(json_number emulated_grants)" \
