@@ -8,7 +8,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use integration::api::{start_api_server, ApiClient, ApiResponse, ApiServer, VmmBackend};
+use integration::api::{
+    start_api_server, ApiClient, ApiError, ApiResponse, ApiServer, VmCounters, VmInfo, VmmBackend,
+    VmmPingResponse,
+};
 use integration::vmm::config::{SerialOutput, VmConfig};
 use integration::vmm::exit::ExitReason;
 use integration::vmm::Vmm;
@@ -278,4 +281,73 @@ fn guest_jump_into_a_non_executable_page_is_refused_and_reported() {
     assert_eq!(event["gpa"], TEST_PAGE, "{report}");
     assert_eq!(event["rip"], TEST_PAGE, "{report}");
     assert_eq!(event["outcome"], "fault_injected", "{report}");
+}
+
+/// A VMM without page-permission support: it keeps every `perm_*` default of the trait.
+struct NoPermVmm;
+
+impl VmmBackend for NoPermVmm {
+    fn vmm_ping(&self) -> VmmPingResponse {
+        VmmPingResponse {
+            build_version: String::new(),
+            version: String::new(),
+            pid: 0,
+            features: Vec::new(),
+        }
+    }
+    fn vmm_shutdown(&self) -> Result<(), ApiError> {
+        Ok(())
+    }
+    fn vm_info(&self) -> Result<VmInfo, ApiError> {
+        Err(ApiError::no_vm())
+    }
+    fn vm_pause(&self) -> Result<(), ApiError> {
+        Ok(())
+    }
+    fn vm_resume(&self) -> Result<(), ApiError> {
+        Ok(())
+    }
+    fn vm_shutdown(&self) -> Result<(), ApiError> {
+        Ok(())
+    }
+    fn vm_counters(&self) -> Result<VmCounters, ApiError> {
+        Ok(VmCounters::new())
+    }
+}
+
+#[test]
+fn a_vmm_without_perm_support_answers_501_but_still_checks_bodies() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("api.sock");
+    let _server = start_api_server(&socket, Arc::new(NoPermVmm)).unwrap();
+    let requests: [(&str, &str, Option<&str>); 5] = [
+        (
+            "PUT",
+            "ext/perm.set",
+            Some(r#"{"view":0,"gpa":0,"size":4096,"permissions":"r-x"}"#),
+        ),
+        ("PUT", "ext/perm.assign", Some(r#"{"vcpu":0,"view":0}"#)),
+        (
+            "PUT",
+            "ext/perm.create-view",
+            Some(r#"{"view":1,"default_permissions":"rwx"}"#),
+        ),
+        ("GET", "ext/perm.violations", None),
+        ("GET", "ext/perm.capabilities", None),
+    ];
+    for (method, endpoint, body) in requests {
+        let mut client = ApiClient::connect(&socket).unwrap();
+        let response = client
+            .request(method, endpoint, body.map(str::as_bytes))
+            .unwrap();
+        assert_eq!(response.status, 501, "{method} {endpoint}");
+        let messages: Vec<String> = serde_json::from_slice(&response.body).unwrap();
+        assert!(messages[0].contains("not available"), "{messages:?}");
+    }
+    // The body is parsed before the backend is asked: a malformed one is still a 400.
+    let mut client = ApiClient::connect(&socket).unwrap();
+    let response = client
+        .request("PUT", "ext/perm.set", Some(br#"{"view":0}"#))
+        .unwrap();
+    assert_eq!(response.status, 400);
 }
