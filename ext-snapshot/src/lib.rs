@@ -31,7 +31,7 @@ pub mod writer;
 pub use diff::{Segment, SnapshotChain};
 pub use error::{Error, Result};
 pub use format::convert::{file_to_stream, stream_to_file};
-pub use format::{Extent, Header, ParentRef, Region, Run, SnapshotId, PAGE_SIZE};
+pub use format::{Extent, FileLayout, Header, ParentRef, Region, Run, SnapshotId, PAGE_SIZE};
 pub use page_type::PageType;
 pub use reader::{SnapshotFile, StreamReader, StreamRecord};
 pub use restore::{

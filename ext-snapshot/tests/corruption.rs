@@ -9,8 +9,8 @@ use std::path::Path;
 
 use common::{anon_memory, expected_bytes, fill_memory, read_memory, Fill};
 use ext_snapshot::{
-    restore_eager, restore_stream, restore_stream_staged, EagerOptions, Error, GfnBitmap,
-    SnapshotFile, SnapshotWriter, StreamReader, WriteOptions, PAGE_SIZE,
+    restore_eager, restore_stream, restore_stream_staged, EagerOptions, Error, FileLayout,
+    GfnBitmap, SnapshotFile, SnapshotWriter, StreamReader, WriteOptions, PAGE_SIZE,
 };
 use vm_memory::{Bytes, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -18,6 +18,11 @@ const LAYOUT: [(u64, u64); 2] = [(0, 6 * PAGE_SIZE), (0x10_0000, 3 * PAGE_SIZE)]
 
 /// A small snapshot with every page type and two data extents, in both encodings.
 fn small_snapshot(dir: &Path) -> (Vec<u8>, Vec<u8>, Vec<Vec<u8>>) {
+    small_snapshot_in(dir, FileLayout::Packed)
+}
+
+/// [`small_snapshot`] with the file in `layout`.
+fn small_snapshot_in(dir: &Path, layout: FileLayout) -> (Vec<u8>, Vec<u8>, Vec<Vec<u8>>) {
     let fills = vec![
         vec![
             Fill::Data(1),
@@ -32,7 +37,9 @@ fn small_snapshot(dir: &Path) -> (Vec<u8>, Vec<u8>, Vec<Vec<u8>>) {
     let mem = anon_memory(&LAYOUT);
     let invalid = fill_memory(&mem, &LAYOUT, &fills);
     let bitmap = GfnBitmap::new(&invalid);
-    let writer = SnapshotWriter::new(WriteOptions::default()).invalid_pages(&bitmap);
+    let writer = SnapshotWriter::new(WriteOptions::default())
+        .invalid_pages(&bitmap)
+        .file_layout(layout);
     let path = dir.join("small");
     writer.write_file(&mem, &path).expect("write file");
     let mut stream = Vec::new();
@@ -258,11 +265,20 @@ fn resealed_edits_get_the_specific_error() {
     ));
 
     let mut image = file.clone();
+    image[16] = 0x4;
+    reseal(&mut image);
+    assert!(matches!(
+        open_image(dir.path(), &image),
+        Err(Error::UnknownFlags(4))
+    ));
+
+    // The guest-offset flag on a packed file: its extents are not where that layout puts them.
+    let mut image = file.clone();
     image[16] = 0x2;
     reseal(&mut image);
     assert!(matches!(
         open_image(dir.path(), &image),
-        Err(Error::UnknownFlags(2))
+        Err(Error::Inconsistent(_))
     ));
 
     let mut image = file.clone();
@@ -304,4 +320,96 @@ fn resealed_edits_get_the_specific_error() {
         StreamReader::new(&stream[..50]),
         Err(Error::Truncated(_))
     ));
+}
+
+#[test]
+fn every_byte_flip_of_a_guest_offset_file_is_rejected() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (file, _, expected) = small_snapshot_in(dir.path(), FileLayout::GuestOffset);
+    let path = dir.path().join("corrupt");
+    std::fs::write(&path, &file).expect("write copy");
+    let (mem, _) = junk_memory();
+    let s = SnapshotFile::open(&path).expect("open the intact file");
+    assert_eq!(s.file_layout(), FileLayout::GuestOffset);
+    restore_eager(&s, &mem, used_target()).expect("restore the intact file");
+    assert!(read_memory(&mem) == expected);
+    let (mem, before) = junk_memory();
+    // The data area holds every page of both regions at its guest offset: data pages, and
+    // zeros (written out densely by this copy) where the pages have no data.
+    let data_end = u64::from_le_bytes(file[72..80].try_into().expect("8")) as usize;
+    let region_pages: u64 = LAYOUT.iter().map(|&(_, s)| s / PAGE_SIZE).sum();
+    assert_eq!(data_end as u64, 4096 + region_pages * PAGE_SIZE);
+    let f = OpenOptions::new().write(true).open(&path).expect("open rw");
+    for at in 0..file.len() {
+        let masks: &[u8] = if (4096..data_end).contains(&at) {
+            &[0x01]
+        } else {
+            &[0x01, 0x80, 0xff]
+        };
+        for &mask in masks {
+            f.write_all_at(&[file[at] ^ mask], at as u64).expect("flip");
+            file_must_be_rejected(&path, &mem, &before, &format!("byte {at} ^ {mask:#x}"));
+        }
+        f.write_all_at(&file[at..at + 1], at as u64)
+            .expect("restore byte");
+    }
+}
+
+#[test]
+fn every_truncation_of_a_guest_offset_file_is_rejected() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (file, _, _) = small_snapshot_in(dir.path(), FileLayout::GuestOffset);
+    let path = dir.path().join("short");
+    let (mem, before) = junk_memory();
+    // Every length in the header and the tail; inside the (mostly zero) data area every page
+    // boundary and its neighbours plus every 61st byte, which the length check treats alike.
+    let data_end = u64::from_le_bytes(file[72..80].try_into().expect("8")) as usize;
+    let lengths = (0..file.len()).filter(|&len| {
+        let in_page = len % PAGE_SIZE as usize;
+        len < 4096 + 64 || len >= data_end - 64 || in_page <= 1 || in_page == 4095 || len % 61 == 0
+    });
+    for len in lengths {
+        std::fs::write(&path, &file[..len]).expect("write prefix");
+        file_must_be_rejected(&path, &mem, &before, &format!("length {len}"));
+    }
+    let mut longer = file.clone();
+    longer.push(0);
+    std::fs::write(&path, &longer).expect("write longer");
+    file_must_be_rejected(&path, &mem, &before, "one byte appended");
+}
+
+#[test]
+fn resealed_guest_offset_edits_get_the_specific_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (file, _, _) = small_snapshot_in(dir.path(), FileLayout::GuestOffset);
+
+    // Without its flag the file reads as packed, and its extents do not tile the data area.
+    let mut image = file.clone();
+    image[16] = 0;
+    reseal(&mut image);
+    assert!(matches!(
+        open_image(dir.path(), &image),
+        Err(Error::Inconsistent(_))
+    ));
+
+    // A data area that ends before the regions do.
+    let mut image = file.clone();
+    let data_end = u64::from_le_bytes(image[72..80].try_into().expect("8"));
+    image[72..80].copy_from_slice(&(data_end - PAGE_SIZE).to_le_bytes());
+    reseal(&mut image);
+    assert!(open_image(dir.path(), &image).is_err());
+
+    // A byte in a hole passes open (no structure there) but not verification.
+    let mut image = file.clone();
+    let hole = 4096 + PAGE_SIZE as usize + 7; // region 0, page 1: a zero page
+    assert_eq!(image[hole], 0);
+    image[hole] = 1;
+    let s = open_image(dir.path(), &image).expect("structure is intact");
+    assert!(matches!(s.verify_data(), Err(Error::Inconsistent(_))));
+
+    // A corrupted data page: the extent checksum.
+    let mut image = file.clone();
+    image[4096 + 100] ^= 1; // region 0, page 0: data
+    let s = open_image(dir.path(), &image).expect("structure is intact");
+    assert!(matches!(s.verify_data(), Err(Error::BadChecksum { .. })));
 }

@@ -60,7 +60,13 @@ pub fn stream_to_file<R: Read>(
     let counts = count_pages(&regions);
     let scan_seconds = start.elapsed().as_secs_f64();
     let start = Instant::now();
-    let (header, len) = out.commit(*reader.header(), &regions, cursor, options.fsync)?;
+    let (header, len) = out.commit(
+        *reader.header(),
+        &regions,
+        cursor,
+        super::FileLayout::Packed,
+        options.fsync,
+    )?;
     Ok(SnapshotReport {
         id: header.id,
         digest: header.digest,

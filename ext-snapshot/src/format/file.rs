@@ -10,7 +10,7 @@ use std::os::unix::fs::FileExt;
 
 use super::{
     check_layout, decode_header_fields, encode_header_fields, le_u32, le_u64, Digest, Extent,
-    FileFields, Header, Region, Run, HEADER_FIELDS_LEN, MAX_DATA_RUN_PAGES, PAGE_SIZE,
+    FileFields, FileLayout, Header, Region, Run, HEADER_FIELDS_LEN, MAX_DATA_RUN_PAGES, PAGE_SIZE,
 };
 use crate::error::{Error, Result};
 use crate::page_type::PageType;
@@ -27,11 +27,13 @@ pub const REGION_ENTRY_LEN: u64 = 40;
 const HEADER_CRC_AT: usize = HEADER_BLOCK_LEN as usize - 4;
 
 /// Encodes the tail (indexes + region table) and the header block of a file whose data area
-/// ends at `data_end`. `regions` must carry extents for every data run.
+/// ends at `data_end`. `regions` must carry extents for every data run, placed as `layout`
+/// says.
 pub(crate) fn encode_tail(
     header: &Header,
     regions: &[Region],
     data_end: u64,
+    layout: FileLayout,
 ) -> (Vec<u8>, Vec<u8>) {
     let mut tail = Vec::new();
     let mut table = Vec::with_capacity(regions.len() * REGION_ENTRY_LEN as usize);
@@ -56,6 +58,7 @@ pub(crate) fn encode_tail(
     }
     let region_table_offset = data_end + tail.len() as u64;
     let fields = FileFields {
+        layout,
         region_table_offset,
         data_end,
         file_len: region_table_offset + table.len() as u64,
@@ -92,8 +95,9 @@ fn check_crc(what: impl Into<String>, stored: u32, bytes: &[u8]) -> Result<()> {
 }
 
 /// Reads and validates everything of a snapshot file except the data extents' contents:
-/// header, region table, indexes, and that extents tile the data area exactly.
-pub(crate) fn parse(file: &File) -> Result<(Header, Vec<Region>)> {
+/// header, region table, indexes, and that extents tile the data area exactly (packed layout)
+/// or sit at their guest offsets (guest-offset layout).
+pub(crate) fn parse(file: &File) -> Result<(Header, Vec<Region>, FileLayout)> {
     let len = file
         .metadata()
         .map_err(|e| Error::io("stat snapshot file", e))?
@@ -187,14 +191,23 @@ pub(crate) fn parse(file: &File) -> Result<(Header, Vec<Region>)> {
         read_exact_at(file, &mut index, index_offset, "index")?;
         check_crc(format!("index of region {i}"), index_crc, &index)?;
         digest.region(guest_addr, size);
+        // Guest-offset layout: this region's pages start where the previous region's end
+        // (`data_cursor` is then the region's base, and moves past the whole region).
+        let region_base = (ff.layout == FileLayout::GuestOffset).then_some(data_cursor);
         let runs = parse_index(
             i,
             &index,
             size / PAGE_SIZE,
             &header,
+            region_base,
             &mut data_cursor,
             &mut digest,
         )?;
+        if region_base.is_some() {
+            data_cursor = data_cursor
+                .checked_add(size)
+                .ok_or_else(|| Error::Inconsistent(format!("region {i}: data area overflows")))?;
+        }
         regions.push(Region {
             guest_addr,
             size,
@@ -219,7 +232,7 @@ pub(crate) fn parse(file: &File) -> Result<(Header, Vec<Region>)> {
             computed: digest.value(),
         });
     }
-    Ok((header, regions))
+    Ok((header, regions, ff.layout))
 }
 
 fn parse_index(
@@ -227,6 +240,7 @@ fn parse_index(
     index: &[u8],
     region_pages: u64,
     header: &Header,
+    region_base: Option<u64>,
     data_cursor: &mut u64,
     digest: &mut Digest,
 ) -> Result<Vec<Run>> {
@@ -252,14 +266,22 @@ fn parse_index(
             ));
         }
         let extent = if page_type.has_data() {
-            if pages > MAX_DATA_RUN_PAGES || offset != *data_cursor {
+            // Packed: right after the previous extent. Guest offset: at the page's own place
+            // (the region base plus its offset cannot overflow: the caller checks that the
+            // whole region fits the data area's u64 range before trusting it).
+            let expected = match region_base {
+                Some(base) => base.saturating_add(page * PAGE_SIZE),
+                None => *data_cursor,
+            };
+            if pages > MAX_DATA_RUN_PAGES || offset != expected {
                 return Err(bad(format!(
                     "data run of {pages} pages at {offset:#x}, expected at most \
-                     {MAX_DATA_RUN_PAGES} pages at {:#x}",
-                    *data_cursor
+                     {MAX_DATA_RUN_PAGES} pages at {expected:#x}"
                 )));
             }
-            *data_cursor += pages * PAGE_SIZE;
+            if region_base.is_none() {
+                *data_cursor += pages * PAGE_SIZE;
+            }
             Some(Extent {
                 offset,
                 len: pages * PAGE_SIZE,

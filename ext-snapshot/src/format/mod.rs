@@ -22,7 +22,37 @@ pub const VERSION: u32 = 1;
 pub const MAX_DATA_RUN_PAGES: u64 = 1024;
 /// Header flag: the snapshot is a diff against the parent named in the header.
 pub const FLAG_HAS_PARENT: u32 = 1;
-const KNOWN_FLAGS: u32 = FLAG_HAS_PARENT;
+/// Header flag (file encoding only): the data of every page sits at its guest offset
+/// ([`FileLayout::GuestOffset`]).
+pub const FLAG_GUEST_OFFSET_LAYOUT: u32 = 2;
+const KNOWN_FLAGS: u32 = FLAG_HAS_PARENT | FLAG_GUEST_OFFSET_LAYOUT;
+
+/// Where a snapshot file keeps the bytes of its data pages (see `FORMAT.md`, "Layouts").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FileLayout {
+    /// Extents back to back after the header: the file's length is about the data bytes, and a
+    /// mapped restore needs one mapping per (coalesced) extent. The default.
+    #[default]
+    Packed,
+    /// Region `i` occupies `[data_base(i), data_base(i) + size)` of the file, where
+    /// `data_base(0) = 4096` and each region follows the previous one; a data page sits at
+    /// `data_base + page_index * 4096` and every other page is a hole. Allocated bytes are
+    /// still about the data bytes (the apparent length is the guest memory size), and a mapped
+    /// restore needs one mapping per region. Header flag [`FLAG_GUEST_OFFSET_LAYOUT`].
+    GuestOffset,
+}
+
+/// The file offset at which each region's pages start in the [`FileLayout::GuestOffset`]
+/// layout, and the end of the data area. `None` if the sizes overflow a `u64`.
+pub(crate) fn guest_offset_bases(sizes: impl IntoIterator<Item = u64>) -> Option<(Vec<u64>, u64)> {
+    let mut bases = Vec::new();
+    let mut cursor = file::HEADER_BLOCK_LEN;
+    for size in sizes {
+        bases.push(cursor);
+        cursor = cursor.checked_add(size)?;
+    }
+    Some((bases, cursor))
+}
 
 /// Size of the header fields shared by both encodings (before padding and checksum).
 pub(crate) const HEADER_FIELDS_LEN: usize = 96;
@@ -188,6 +218,7 @@ impl Digest {
 /// Encoding-specific header fields; zero in the stream encoding.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct FileFields {
+    pub layout: FileLayout,
     pub region_table_offset: u64,
     pub data_end: u64,
     pub file_len: u64,
@@ -205,11 +236,14 @@ pub(crate) fn encode_header_fields(
     b[0..8].copy_from_slice(magic);
     b[8..12].copy_from_slice(&header.version.to_le_bytes());
     b[12..16].copy_from_slice(&header.page_size.to_le_bytes());
-    let flags = if header.parent.is_some() {
+    let mut flags = if header.parent.is_some() {
         FLAG_HAS_PARENT
     } else {
         0
     };
+    if file.layout == FileLayout::GuestOffset {
+        flags |= FLAG_GUEST_OFFSET_LAYOUT;
+    }
     b[16..20].copy_from_slice(&flags.to_le_bytes());
     b[20..24].copy_from_slice(&region_count.to_le_bytes());
     b[24..40].copy_from_slice(&header.id.0);
@@ -247,6 +281,16 @@ pub(crate) fn decode_header_fields(
     if flags & !KNOWN_FLAGS != 0 {
         return Err(Error::UnknownFlags(flags));
     }
+    let layout = if flags & FLAG_GUEST_OFFSET_LAYOUT != 0 {
+        if magic != &file::FILE_MAGIC {
+            return Err(Error::Inconsistent(
+                "a stream has no file layout, yet the guest-offset layout flag is set".into(),
+            ));
+        }
+        FileLayout::GuestOffset
+    } else {
+        FileLayout::Packed
+    };
     let region_count = le_u32(&b[20..24]);
     let id = SnapshotId(to_array(&b[24..40]));
     let parent_id = SnapshotId(to_array(&b[40..56]));
@@ -277,6 +321,7 @@ pub(crate) fn decode_header_fields(
         digest: le_u32(&b[60..64]),
     };
     let file = FileFields {
+        layout,
         region_table_offset: le_u64(&b[64..72]),
         data_end: le_u64(&b[72..80]),
         file_len: le_u64(&b[80..88]),

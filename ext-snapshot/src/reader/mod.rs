@@ -5,6 +5,7 @@
 //! of every data extent; restores call both before the first write into guest memory.
 //! [`StreamReader`] validates a stream record by record.
 
+mod holes;
 mod stream;
 
 pub use stream::{StreamReader, StreamRecord};
@@ -15,7 +16,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use crate::error::{Error, Result};
-use crate::format::{Extent, Header, Region, MAX_DATA_RUN_PAGES, PAGE_SIZE};
+use crate::format::file::HEADER_BLOCK_LEN;
+use crate::format::{
+    guest_offset_bases, Extent, FileLayout, Header, Region, MAX_DATA_RUN_PAGES, PAGE_SIZE,
+};
 use crate::page_type::PageType;
 
 /// Below this much data, extents are verified on one thread.
@@ -28,6 +32,7 @@ pub struct SnapshotFile {
     path: PathBuf,
     header: Header,
     regions: Vec<Region>,
+    layout: FileLayout,
     data_verified: AtomicBool,
 }
 
@@ -44,12 +49,13 @@ impl SnapshotFile {
     /// Like [`open`](Self::open) for an already open file; `path` is only used in messages
     /// and by [`path`](Self::path).
     pub fn from_file(file: File, path: &Path) -> Result<Self> {
-        let (header, regions) = crate::format::file::parse(&file)?;
+        let (header, regions, layout) = crate::format::file::parse(&file)?;
         Ok(SnapshotFile {
             file,
             path: path.to_owned(),
             header,
             regions,
+            layout,
             data_verified: AtomicBool::new(false),
         })
     }
@@ -57,6 +63,11 @@ impl SnapshotFile {
     /// The header.
     pub fn header(&self) -> &Header {
         &self.header
+    }
+
+    /// Where the file keeps its data pages (header flag, see `FORMAT.md`).
+    pub fn file_layout(&self) -> FileLayout {
+        self.layout
     }
 
     /// The regions with their runs and extents, sorted by guest address.
@@ -106,8 +117,9 @@ impl SnapshotFile {
             .len())
     }
 
-    /// Checks the crc32c of every data extent (on two threads). `Ok` means every stored page
-    /// is intact; `Err(BadChecksum)` names the first bad extent found. Remembers success, so
+    /// Checks the crc32c of every data extent (on two threads) and, in the guest-offset
+    /// layout, that the data area reads as zero outside the extents. `Ok` means every stored
+    /// page is intact; `Err(BadChecksum)` names the first bad extent found. Remembers success, so
     /// calling it again is free.
     pub fn verify_data(&self) -> Result<()> {
         if self.data_verified.load(Ordering::Acquire) {
@@ -149,6 +161,14 @@ impl SnapshotFile {
                     })?
                 })
             })?;
+        }
+        if self.layout == FileLayout::GuestOffset {
+            // Extents are in offset order in this layout (the parser checks each sits at its
+            // page's own offset, regions one after the other).
+            let spans: Vec<(u64, u64)> = extents.iter().map(|e| (e.offset, e.len)).collect();
+            let (_, data_end) = guest_offset_bases(self.regions.iter().map(|r| r.size))
+                .ok_or_else(|| Error::Inconsistent("data area overflows".into()))?;
+            holes::check_zero_outside_extents(&self.file, HEADER_BLOCK_LEN, data_end, &spans)?;
         }
         self.data_verified.store(true, Ordering::Release);
         Ok(())

@@ -13,6 +13,15 @@
 //! Mapping over a region `vm-memory` owns keeps ownership in one place: when the last clone
 //! drops, `munmap` of the region removes the file mappings with it.
 //!
+//! Guest-offset layout (`FileLayout::GuestOffset`): each region is one `MAP_PRIVATE` mapping
+//! of its piece of the file, so setup is one `mmap` per region whatever the content. Pages
+//! without data are then holes of the file rather than anonymous memory: they read as zeros
+//! through the page cache (a read may make the filesystem allocate a zero-filled page-cache
+//! page, shared and reclaimable, not guest-private memory), a write copies them into private
+//! anonymous memory like any other page, and `MADV_DONTNEED` makes them read as zeros again.
+//! What the packed layout leaves anonymous is thus backed by holes here; the guest sees the
+//! same bytes.
+//!
 //! Checksums: the header, region table and indexes are always validated before any mapping
 //! is made. Data extents are verified up front only with [`MappedOptions::verify_data`],
 //! which reads every data byte once (the page cache then serves the guest's reads).
@@ -25,7 +34,7 @@ use std::path::Path;
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
 use crate::error::{Error, Result};
-use crate::format::{Region, PAGE_SIZE};
+use crate::format::{guest_offset_bases, FileLayout, Region, PAGE_SIZE};
 use crate::page_type::PageType;
 use crate::reader::SnapshotFile;
 
@@ -104,6 +113,9 @@ pub fn restore_mapped(
         snapshot.verify_data()?;
     }
     let file = snapshot.file();
+    let guest_offset = snapshot.file_layout() == FileLayout::GuestOffset;
+    let (bases, _) = guest_offset_bases(snapshot.regions().iter().map(|r| r.size))
+        .ok_or_else(|| Error::Inconsistent("data area overflows".into()))?;
     let mut report = MappedReport::default();
     let mut guest_regions = Vec::with_capacity(snapshot.regions().len());
     let mut budget_used = 0usize;
@@ -118,6 +130,22 @@ pub fn restore_mapped(
         let size = usize::try_from(region.size)
             .map_err(|_| Error::UnsupportedMemory(format!("region of {:#x} bytes", region.size)))?;
         let mapping = MmapRegion::new(size).map_err(|e| Error::UnsupportedMemory(e.to_string()))?;
+        if guest_offset {
+            // The whole region is one piece of the file: data pages at their offsets, holes
+            // (read as zeros) everywhere else. One mapping, whatever the content.
+            let span = Span {
+                region_offset: 0,
+                file_offset: bases[guest_regions.len()],
+                len: region.size,
+            };
+            map_span(file, &mapping, span)?;
+            report.mappings += 1;
+            report.mapped_bytes += span.len;
+            let guest_region = GuestRegionMmap::new(mapping, GuestAddress(region.guest_addr))
+                .map_err(|e| Error::UnsupportedMemory(e.to_string()))?;
+            guest_regions.push(guest_region);
+            continue;
+        }
         let region_spans = spans(region);
         let threshold = mapping_threshold(&region_spans, MAX_MAPPINGS - budget_used);
         for span in region_spans {

@@ -11,8 +11,8 @@
 
 mod page_set;
 mod pipeline;
-mod scan;
-mod to_file;
+pub(crate) mod scan;
+pub(crate) mod to_file;
 mod to_stream;
 
 pub use page_set::{GfnBitmap, MemoryDirtyBitmap, PageSet, RegionBitmaps};
@@ -29,7 +29,7 @@ use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestMemory, GuestMemoryRegion, GuestRegionMmap};
 
 use crate::error::{Error, Result};
-use crate::format::{Header, ParentRef, Region, SnapshotId, PAGE_SIZE, VERSION};
+use crate::format::{FileLayout, Header, ParentRef, Region, SnapshotId, PAGE_SIZE, VERSION};
 use crate::page_type::PageType;
 use crate::reader::SnapshotFile;
 
@@ -132,6 +132,7 @@ pub struct SnapshotWriter<'a> {
     options: WriteOptions,
     invalid: Option<&'a dyn PageSet>,
     diff: Option<DiffBase<'a>>,
+    layout: FileLayout,
 }
 
 impl std::fmt::Debug for dyn PageSet + '_ {
@@ -147,7 +148,17 @@ impl<'a> SnapshotWriter<'a> {
             options,
             invalid: None,
             diff: None,
+            layout: FileLayout::Packed,
         }
+    }
+
+    /// Chooses the layout of files written by [`write_file`](Self::write_file) (streams have
+    /// none). [`FileLayout::Packed`] by default; [`FileLayout::GuestOffset`] puts every data
+    /// page at its own offset in a sparse file, so a mapped restore needs one mapping per
+    /// region (see `FORMAT.md`, "Layouts").
+    pub fn file_layout(mut self, layout: FileLayout) -> Self {
+        self.layout = layout;
+        self
     }
 
     /// Pages in `set` (balloon-inflated or free-page-reported) are recorded as
@@ -203,6 +214,7 @@ impl<'a> SnapshotWriter<'a> {
             self.invalid,
             self.diff.as_ref().map(|d| d.dirty),
             self.options,
+            self.layout,
         )?;
         Ok(SnapshotReport {
             id: w.header.id,

@@ -5,6 +5,10 @@
 //! vectored writes straight from guest memory. Extents are assigned in that same order, so the
 //! file is identical to one written after a complete scan, and the create time is about
 //! max(typing, writing) instead of their sum.
+//!
+//! In the guest-offset layout each data run goes to its own place (region base + page offset)
+//! instead of the end of the data area; a batch then holds runs that are also adjacent in
+//! guest memory, and the pages between batches stay holes of the file.
 
 use std::path::Path;
 use std::time::Instant;
@@ -14,9 +18,9 @@ use vm_memory::bitmap::Bitmap;
 use super::scan::{empty_regions, push_run, scan_chunks, MemorySource};
 use super::to_file::{pwritev_all, TempOutput, MAX_BATCH_BYTES, MAX_BATCH_RUNS};
 use super::{PageSet, WriteOptions};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::format::file::HEADER_BLOCK_LEN;
-use crate::format::{Extent, Header, Region, Run, PAGE_SIZE};
+use crate::format::{guest_offset_bases, Extent, FileLayout, Header, Region, Run, PAGE_SIZE};
 use crate::page_type::PageType;
 
 /// What the pipelined write produced.
@@ -38,10 +42,16 @@ pub(crate) fn write_memory_file<B: Bitmap + Sync>(
     invalid: Option<&dyn PageSet>,
     dirty: Option<&dyn PageSet>,
     options: WriteOptions,
+    layout: FileLayout,
 ) -> Result<Written> {
     let start = Instant::now();
     let out = TempOutput::create(path)?;
     let mut regions = empty_regions(source);
+    let (bases, guest_offset_end) =
+        guest_offset_bases(regions.iter().map(|r| r.size)).ok_or_else(|| {
+            Error::UnsupportedMemory("regions too large for the guest-offset layout".into())
+        })?;
+    let guest_offset = layout == FileLayout::GuestOffset;
     let mut cursor = HEADER_BLOCK_LEN;
     let mut batch: Vec<&[u8]> = Vec::new();
     let mut batch_at = cursor;
@@ -61,7 +71,13 @@ pub(crate) fn write_memory_file<B: Bitmap + Sync>(
                 if r.page_type == PageType::Data {
                     let bytes = source.pages(ri, page, r.pages)?;
                     let len = r.pages * PAGE_SIZE;
-                    if batch.len() == MAX_BATCH_RUNS || batch_bytes + len > MAX_BATCH_BYTES {
+                    if guest_offset {
+                        cursor = bases[ri] + page * PAGE_SIZE;
+                    }
+                    if batch.len() == MAX_BATCH_RUNS
+                        || batch_bytes + len > MAX_BATCH_BYTES
+                        || batch_at + batch_bytes != cursor
+                    {
                         pwritev_all(file, &batch, batch_at)?;
                         batch.clear();
                         batch_at = cursor;
@@ -89,7 +105,12 @@ pub(crate) fn write_memory_file<B: Bitmap + Sync>(
         },
     )?;
     pwritev_all(file, &batch, batch_at)?;
-    let (header, file_len) = out.commit(header, &regions, cursor, options.fsync)?;
+    let data_end = if guest_offset {
+        guest_offset_end
+    } else {
+        cursor
+    };
+    let (header, file_len) = out.commit(header, &regions, data_end, layout, options.fsync)?;
     Ok(Written {
         header,
         regions,

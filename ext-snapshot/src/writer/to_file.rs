@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use super::{DataSource, WriteOptions};
 use crate::error::{Error, Result};
 use crate::format::file::{encode_tail, HEADER_BLOCK_LEN};
-use crate::format::{Digest, Extent, Header, Region, Run, PAGE_SIZE};
+use crate::format::{Digest, Extent, FileLayout, Header, Region, Run, PAGE_SIZE};
 
 /// An output file under a temporary name, removed unless [`TempOutput::commit`] succeeds.
 pub(crate) struct TempOutput {
@@ -48,6 +48,7 @@ impl TempOutput {
         mut header: Header,
         regions: &[Region],
         data_end: u64,
+        layout: FileLayout,
         fsync: bool,
     ) -> Result<(Header, u64)> {
         let mut digest = Digest::new();
@@ -58,7 +59,7 @@ impl TempOutput {
             }
         }
         header.digest = digest.value();
-        let (tail, block) = encode_tail(&header, regions, data_end);
+        let (tail, block) = encode_tail(&header, regions, data_end, layout);
         let write = |bytes: &[u8], at: u64| {
             self.file
                 .write_all_at(bytes, at)
@@ -197,7 +198,13 @@ pub(crate) fn write_file(
             }
         }
     }
-    out.commit(header, &regions, data_end, options.fsync)
+    out.commit(
+        header,
+        &regions,
+        data_end,
+        FileLayout::Packed,
+        options.fsync,
+    )
 }
 
 /// Writes consecutive data runs (contiguous in the file); returns their checksums.
