@@ -3,13 +3,14 @@
 //! The image is taken once by `ci/guest-memory-image` (lab scenario `guest-memory`: the lab's
 //! L2 Debian kernel + crun container under QEMU/KVM on 512 MiB of file-backed shared memory,
 //! frozen after it has ticked for ten seconds) and cached, sparse, at
-//! `.cache/guest-memory/l2-512M.raw` (`EXT_GUEST_MEMORY_IMAGE` overrides the path). Holes in it
-//! are the guest pages the host never populated. Each test loads it into real guest memory —
-//! a memfd (holes kept: only `SEEK_DATA` extents are copied) or anonymous memory (only those
-//! extents written) — and checks: the writer types every page exactly as an independent scan of
-//! the image does, the histogram looks like a booted Linux, file and stream snapshots restore
-//! bit-exactly in every mode (eager, mapped, lazy, stream), and a diff after the guest "runs a
-//! bit more" restores and merges correctly. Without the image every test prints a SKIPPED line.
+//! `.cache/guest-memory/l2-512M.raw` (`$EXT_LAB_CACHE/guest-memory/` when that is set;
+//! `EXT_GUEST_MEMORY_IMAGE` overrides the path). Holes in it are the guest pages the host never
+//! populated. Each test loads it into real guest memory — a memfd (holes kept: only `SEEK_DATA`
+//! extents are copied) or anonymous memory (only those extents written) — and checks: the
+//! writer types every page exactly as an independent scan of the image does, the histogram
+//! looks like a booted Linux, file and stream snapshots restore bit-exactly in every mode
+//! (eager, mapped, lazy, stream), and a diff after the guest "runs a bit more" restores and
+//! merges correctly. Without the image every test prints a SKIPPED line.
 
 mod common;
 
@@ -35,11 +36,13 @@ const CHUNK: usize = 4 << 20;
 
 /// The image's path, or `None` (after a SKIPPED line naming the test) when it was not taken.
 fn image(test: &str) -> Option<PathBuf> {
+    // Where ci/guest-memory-image puts it: the lab cache (EXT_LAB_CACHE, as ci/lab reads it).
+    let cache = std::env::var_os("EXT_LAB_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache"));
     let path = std::env::var_os("EXT_GUEST_MEMORY_IMAGE")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache/guest-memory/l2-512M.raw")
-        });
+        .unwrap_or_else(|| cache.join("guest-memory/l2-512M.raw"));
     if path.is_file() {
         Some(path)
     } else {
