@@ -5,4 +5,5 @@
 //! Linux guest on KVM and serves a Cloud-Hypervisor-compatible REST API on a unix socket, so
 //! the extensions can be driven exactly as an operator drives Cloud Hypervisor.
 pub mod api;
+pub mod bench;
 pub mod vmm;

@@ -1,0 +1,155 @@
+//! `ext-vmm-bench` runs end to end: with a tiny iteration count on `/dev/kvm` every row of its
+//! table is printed; without `/dev/kvm` it prints its `SKIPPED:` line and exits 0. It also
+//! summarises a lab log given with `--lab-log`. No timing is checked (issue 2).
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const ROWS: [&str; 8] = [
+    "pio-noop",
+    "pio-serial",
+    "mmio-virtio-magic",
+    "mmio-unclaimed",
+    "no-exit-floor",
+    "pause",
+    "resume-to-running",
+    "pause+resume",
+];
+
+/// Runs the bench with `args`; returns (success, stdout, stderr). The child is killed if it
+/// outlives a generous bound, so a hang fails the test instead of leaving a process behind.
+fn run_bench(args: &[&str]) -> (bool, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ext-vmm-bench"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start ext-vmm-bench");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for ext-vmm-bench") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("ext-vmm-bench {args:?} did not finish in 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (mut stdout, mut stderr) = (String::new(), String::new());
+    if let Some(mut out) = child.stdout.take() {
+        out.read_to_string(&mut stdout).expect("read stdout");
+    }
+    if let Some(mut err) = child.stderr.take() {
+        err.read_to_string(&mut stderr).expect("read stderr");
+    }
+    (status.success(), stdout, stderr)
+}
+
+#[test]
+fn bench_prints_every_row_or_skips() {
+    let (ok, stdout, stderr) = run_bench(&[
+        "--iterations",
+        "50",
+        "--repetitions",
+        "2",
+        "--pause-rounds",
+        "3",
+    ]);
+    assert!(ok, "ext-vmm-bench failed:\n{stdout}\n{stderr}");
+    if !Path::new("/dev/kvm").exists() {
+        println!("SKIPPED: bench_prints_every_row_or_skips: /dev/kvm not available");
+        assert!(
+            stdout.contains("SKIPPED: ext-vmm-bench: /dev/kvm not available"),
+            "{stdout}"
+        );
+        return;
+    }
+    for row in ROWS {
+        let line = stdout
+            .lines()
+            .find(|line| line.split_whitespace().next() == Some(row))
+            .unwrap_or_else(|| panic!("no row {row} in:\n{stdout}"));
+        // name, samples, median, p99, host/iter, ratio: counts and numbers, not their values.
+        let cells: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(cells.len(), 6, "{line}");
+        let samples: usize = cells[1].parse().expect("sample count");
+        let expected = if row.starts_with("pause") || row.starts_with("resume") {
+            3
+        } else {
+            100
+        };
+        assert_eq!(samples, expected, "{line}");
+        for cell in [cells[2], cells[3], cells[5]] {
+            cell.parse::<f64>()
+                .unwrap_or_else(|_| panic!("not a number: {cell} in {line}"));
+        }
+    }
+}
+
+#[test]
+fn bench_refuses_a_zero_iteration_count() {
+    if !Path::new("/dev/kvm").exists() {
+        println!("SKIPPED: bench_refuses_a_zero_iteration_count: /dev/kvm not available");
+        return;
+    }
+    let (ok, stdout, stderr) = run_bench(&["--iterations", "0", "--pause-rounds", "1"]);
+    assert!(!ok, "zero iterations accepted:\n{stdout}");
+    assert!(stderr.contains("iterations must be"), "{stderr}");
+}
+
+#[test]
+fn bench_summarises_an_l2_qemu_lab_log() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("l2-qemu.log");
+    std::fs::write(
+        &log,
+        "Booting from ROM..EXT-L1-READY uptime=4.50 kvm=ok\n\
+         EXT-METRIC l2_boot_s=10.00 vmm=qemu round=1 (start to EXT-L2-INIT, L1 clock)\n\
+         EXT-METRIC l2_boot_s=8.00 vmm=ext-vmm round=2 (start to EXT-L2-INIT, L1 clock)\n\
+         EXT-METRIC l2_boot_s=7.00 vmm=ext-vmm round=3 (start to EXT-L2-INIT, L1 clock)\n\
+         EXT-METRIC l2_boot_s=10.00 vmm=qemu round=4 (start to EXT-L2-INIT, L1 clock)\n\
+         EXT-METRIC l2_boot_ratio=0.75 (ext-vmm / qemu)\n\
+         EXT-SCENARIO-RESULT: PASS\n",
+    )
+    .expect("write log");
+    let log = log.to_str().expect("utf-8 temp path");
+    let (ok, stdout, stderr) = run_bench(&[
+        "--iterations",
+        "10",
+        "--repetitions",
+        "1",
+        "--pause-rounds",
+        "1",
+        "--lab-log",
+        log,
+    ]);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("L1 ready (kvm loaded) at L1 uptime 4.50 s"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("10.00  10.00 10.00"), "{stdout}");
+    assert!(stdout.contains("7.50  8.00 7.00"), "{stdout}");
+    assert!(
+        stdout.contains("L2 boot ratio ext-vmm / qemu: 0.75 (scenario reported 0.75)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("scenario result: PASS"), "{stdout}");
+
+    std::fs::write(dir.path().join("empty.log"), "no metrics\n").expect("write log");
+    let empty = dir.path().join("empty.log");
+    let (ok, _, stderr) = run_bench(&[
+        "--pause-rounds",
+        "1",
+        "--iterations",
+        "10",
+        "--lab-log",
+        empty.to_str().expect("utf-8 temp path"),
+    ]);
+    assert!(!ok, "a log without metrics must fail");
+    assert!(stderr.contains("no l2_boot_s metrics"), "{stderr}");
+}
