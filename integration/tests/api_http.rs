@@ -117,6 +117,7 @@ impl VmmBackend for FixtureVmm {
             }),
             state,
             memory_actual_size: MEMORY_SIZE,
+            snapshot: None,
         })
     }
 

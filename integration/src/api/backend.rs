@@ -45,6 +45,10 @@ pub struct VmInfo {
     pub state: VmState,
     /// Guest memory size in bytes as currently provided to the guest.
     pub memory_actual_size: u64,
+    /// ext-vmm extension: figures of the last `vm.snapshot` and of the restore this VM came
+    /// from (pages by type, bytes, seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<serde_json::Value>,
 }
 
 /// Body of `GET /api/v1/vm.counters`: device id → counter name → value.
@@ -55,6 +59,24 @@ pub type VmCounters = BTreeMap<String, BTreeMap<String, u64>>;
 pub struct VmSnapshotConfig {
     /// Where to write the snapshot, e.g. `file:///var/snapshots/vm1`.
     pub destination_url: String,
+    /// ext-vmm extension: a snapshot directory of this same VM taken earlier; the memory is
+    /// then written as a diff holding only pages dirtied since that snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+}
+
+/// Body of `PUT /api/v1/vm.restore`, in Cloud Hypervisor's `RestoreConfig` shape (fields we do
+/// not support, such as `prefault` and `net_fds`, are ignored).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRestoreConfig {
+    /// Snapshot directory, e.g. `file:///var/snapshots/vm1`.
+    pub source_url: String,
+    /// `copy` (default), `mapped` or `ondemand`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_restore_mode: Option<String>,
+    /// Resume the VM after restoring it (default false: it stays paused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<bool>,
 }
 
 /// Body of `GET /api/v1/ext/perm.capabilities`: how this VM enforces page permissions.
@@ -137,6 +159,15 @@ pub trait VmmBackend: Send + Sync + 'static {
         Err(ApiError::new(
             501,
             "vm.snapshot is not supported by this VMM",
+        ))
+    }
+    /// `PUT vm.restore`: create the VM from a snapshot. Only a VMM that has no VM yet accepts
+    /// it. Default: 501.
+    fn vm_restore(&self, config: &VmRestoreConfig) -> Result<(), ApiError> {
+        let _ = config;
+        Err(ApiError::new(
+            501,
+            "vm.restore is not supported by this VMM",
         ))
     }
     /// `PUT ext/perm.create-view`: create a permission view (ext-perm). Default: 501.

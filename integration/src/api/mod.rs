@@ -26,8 +26,8 @@ mod routes;
 mod server;
 
 pub use backend::{
-    ApiError, PermCapabilities, VmCounters, VmInfo, VmSnapshotConfig, VmState, VmmBackend,
-    VmmPingResponse,
+    ApiError, PermCapabilities, VmCounters, VmInfo, VmRestoreConfig, VmSnapshotConfig, VmState,
+    VmmBackend, VmmPingResponse,
 };
 pub use client::{endpoint_path, ApiClient, ApiClientError, ApiResponse};
 pub use server::{

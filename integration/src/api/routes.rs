@@ -79,6 +79,7 @@ const ROUTES: &[Route] = &[
     Route::put_json("vm.snapshot", |vmm, body| {
         vmm.vm_snapshot(&from_json(body)?)
     }),
+    Route::put_json("vm.restore", |vmm, body| vmm.vm_restore(&from_json(body)?)),
     Route::put_json("ext/perm.create-view", |vmm, body| {
         vmm.perm_create_view(&from_json(body)?)
     }),

@@ -6,10 +6,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use integration::api::start_api_server;
+use integration::api::{start_api_server, VmState};
 use integration::vmm::config::{self, SerialOutput, VmConfig};
 use integration::vmm::error::Error;
 use integration::vmm::exit::ExitReason;
+use integration::vmm::slot::{SlotEvent, VmmSlot};
+use integration::vmm::snapshot::RestoreConfig;
 use integration::vmm::terminal::RawTerminal;
 use integration::vmm::Vmm;
 
@@ -17,9 +19,14 @@ use integration::vmm::Vmm;
 #[derive(Parser, Debug)]
 #[command(name = "ext-vmm", version)]
 struct Args {
-    /// ELF vmlinux with a PVH entry note.
+    /// ELF vmlinux with a PVH entry note (without it and without --restore, the VMM waits
+    /// for `vm.restore` on the API socket).
     #[arg(long)]
-    kernel: PathBuf,
+    kernel: Option<PathBuf>,
+    /// Restore a snapshot: source_url=file:///dir[,memory_restore_mode=copy|mapped|ondemand]
+    /// [,resume=true|false]. The VM configuration comes from the snapshot.
+    #[arg(long, conflicts_with = "kernel")]
+    restore: Option<String>,
     /// Initramfs handed to the kernel.
     #[arg(long)]
     initramfs: Option<PathBuf>,
@@ -46,8 +53,8 @@ struct Args {
     log_level: String,
 }
 
-fn build_config(args: &Args) -> Result<VmConfig, Error> {
-    let mut config = VmConfig::new(args.kernel.clone());
+fn build_config(args: &Args, kernel: PathBuf) -> Result<VmConfig, Error> {
+    let mut config = VmConfig::new(kernel);
     config.initramfs = args.initramfs.clone();
     config.cmdline = args.cmdline.clone();
     config.cpus = config::parse_cpus(&args.cpus)?;
@@ -61,30 +68,65 @@ fn build_config(args: &Args) -> Result<VmConfig, Error> {
     Ok(config)
 }
 
+/// Where the VM comes from.
+enum Source {
+    Boot(VmConfig),
+    Restore(RestoreConfig),
+    /// Nothing yet: wait for `vm.restore` on the API socket.
+    Api,
+}
+
 fn run(args: Args) -> Result<ExitReason, String> {
-    let config = build_config(&args).map_err(|e| e.to_string())?;
-    let vmm_serial_is_tty = config.serial == SerialOutput::Tty;
+    let source = match (&args.kernel, &args.restore) {
+        (Some(kernel), _) => {
+            Source::Boot(build_config(&args, kernel.clone()).map_err(|e| e.to_string())?)
+        }
+        (None, Some(restore)) => {
+            Source::Restore(RestoreConfig::parse(restore).map_err(|e| e.to_string())?)
+        }
+        (None, None) if args.api_socket.is_some() => Source::Api,
+        (None, None) => return Err("--kernel, --restore or --api-socket is required".into()),
+    };
     let socket = args
         .api_socket
         .as_deref()
         .map(config::parse_api_socket)
         .transpose()
         .map_err(|e| e.to_string())?;
-    let vmm = Arc::new(Vmm::new(config).map_err(|e| format!("cannot create the VM: {e}"))?);
+    let slot = Arc::new(match &source {
+        Source::Boot(config) => VmmSlot::with_vmm(Arc::new(
+            Vmm::new(config.clone()).map_err(|e| format!("cannot create the VM: {e}"))?,
+        )),
+        Source::Restore(restore) => VmmSlot::with_vmm(Arc::new(
+            Vmm::restore(restore).map_err(|e| format!("cannot restore the VM: {e}"))?,
+        )),
+        Source::Api => VmmSlot::default(),
+    });
     let server = match &socket {
         Some(path) => Some(
-            start_api_server(path, vmm.clone())
+            start_api_server(path, slot.clone())
                 .map_err(|e| format!("cannot serve the API on {}: {e}", path.display()))?,
         ),
         None => None,
     };
+    let vmm = match slot.wait() {
+        SlotEvent::Vm(vmm) => vmm,
+        SlotEvent::Exit => {
+            if let Some(server) = server {
+                server.shutdown();
+            }
+            return Ok(ExitReason::Requested);
+        }
+    };
     // Raw mode only when the guest console is on this terminal; restored when `run` returns.
-    let _raw_terminal = if vmm_serial_is_tty {
+    let _raw_terminal = if vmm.config().serial == SerialOutput::Tty {
         RawTerminal::enable().map_err(|e| format!("cannot set the terminal to raw mode: {e}"))?
     } else {
         None
     };
-    vmm.boot().map_err(|e| format!("cannot boot: {e}"))?;
+    if vmm.state() == VmState::Created {
+        vmm.boot().map_err(|e| format!("cannot boot: {e}"))?;
+    }
     let reason = vmm.run_until_exit().map_err(|e| e.to_string())?;
     tracing::info!("VM stopped: {reason:?}");
     if let Some(server) = server {

@@ -3,12 +3,12 @@
 
 use std::path::PathBuf;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::error::{Error, Result};
 
 /// Where the 16550 serial port's output goes.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SerialOutput {
     /// The VMM's stdout (input from stdin).
     Tty,
@@ -19,7 +19,7 @@ pub enum SerialOutput {
 }
 
 /// A virtio-blk disk.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskConfig {
     /// Backing file.
     pub path: PathBuf,
@@ -28,7 +28,7 @@ pub struct DiskConfig {
 }
 
 /// Everything needed to build and boot one VM.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmConfig {
     /// ELF vmlinux with a PVH entry note.
     pub kernel: PathBuf,

@@ -44,6 +44,13 @@ pub enum Error {
     /// The VM is not in a state that allows the operation.
     #[error("VM is {0:?}; cannot {1}")]
     InvalidState(crate::api::VmState, &'static str),
+    /// A snapshot could not be written, or a snapshot directory is invalid (corrupt,
+    /// truncated, another version, or not matching this host).
+    #[error("snapshot: {0}")]
+    Snapshot(String),
+    /// ext-snapshot failed to write, validate or restore guest memory.
+    #[error("snapshot memory: {0}")]
+    SnapshotMemory(#[source] ext_snapshot::Error),
 }
 
 /// Result alias of the `vmm` module.

@@ -5,6 +5,7 @@
 pub mod acpi;
 pub mod boot;
 pub mod bus;
+pub mod checkpoint;
 pub mod config;
 pub mod cpu;
 pub mod devices;
@@ -13,6 +14,9 @@ pub mod exit;
 pub mod layout;
 pub mod memory;
 pub mod perm;
+pub mod persist;
+pub mod slot;
+pub mod snapshot;
 pub mod terminal;
 pub mod vcpu;
 pub mod virtio;
@@ -25,6 +29,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 
 use crate::api::{ApiError, VmCounters, VmInfo, VmState, VmmBackend, VmmPingResponse};
+use checkpoint::{RestoredMemory, SnapshotFigures};
 use config::{SerialOutput, VmConfig};
 use devices::serial::{SerialCounters, SerialInput};
 use error::{Error, Result};
@@ -57,6 +62,10 @@ pub struct Vmm {
     virtio: Vec<VirtioSlot>,
     /// ext-perm's permission manager of this VM, for the `ext/perm.*` endpoints.
     perm: Option<Arc<perm::PermHook>>,
+    /// Figures of the last snapshot and of the restore this VM came from.
+    figures: Mutex<(Option<SnapshotFigures>, Option<SnapshotFigures>)>,
+    /// Keeps the userfaultfd handler of an on-demand restore alive as long as the VM.
+    restored_memory: RestoredMemory,
 }
 
 /// Wakes the main loop when the VM wants to stop; the loop then reads the reason.
@@ -79,9 +88,16 @@ impl Vmm {
     /// Builds the VM (state `Created`).
     pub fn new(config: VmConfig) -> Result<Self> {
         vcpu::register_kick_handler()?;
-        let mut vm = Vm::new(&config)?;
+        let vm = Vm::new(&config)?;
+        Ok(Self::from_vm(config, vm, RestoredMemory::Ready))
+    }
+
+    /// Wraps a built (or restored) VM, state `Created`.
+    fn from_vm(config: VmConfig, mut vm: Vm, restored_memory: RestoredMemory) -> Self {
         let virtio = std::mem::take(&mut vm.virtio);
-        Ok(Vmm {
+        Vmm {
+            figures: Mutex::default(),
+            restored_memory,
             perm: vm.perm.clone(),
             exit: vm.exit.clone(),
             control: Arc::new(VcpuControl::default()),
@@ -98,11 +114,16 @@ impl Vmm {
             state_changed: Condvar::new(),
             vmm_exit_requested: AtomicBool::new(false),
             config,
-        })
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Lifecycle> {
         self.lifecycle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The VM's configuration.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
     }
 
     /// The current lifecycle state.
@@ -254,7 +275,33 @@ impl Vmm {
                 .collect();
             all.insert(slot.name.clone(), map);
         }
+        let figures = self
+            .figures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for (name, figures) in [("snapshot", figures.0), ("restore", figures.1)] {
+            if let Some(figures) = figures {
+                all.insert(name.into(), figures.counters().into_iter().collect());
+            }
+        }
+        if let Some(ondemand) = self.restored_memory.counters() {
+            all.insert("restore_ondemand".into(), ondemand.into_iter().collect());
+        }
         all
+    }
+
+    /// `vm.info`'s snapshot figures: the last snapshot and the restore this VM came from.
+    pub fn snapshot_info(&self) -> serde_json::Value {
+        let figures = self
+            .figures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        serde_json::json!({
+            "last_snapshot": figures.0.map(|f| f.to_json()),
+            "restored_from": figures.1.map(|f| f.to_json()),
+        })
     }
 }
 
@@ -277,6 +324,7 @@ fn io_error(e: event_manager::Error) -> std::io::Error {
 fn api_error(e: Error) -> ApiError {
     match e {
         Error::InvalidState(state, action) => ApiError::invalid_state(action, state),
+        Error::Snapshot(_) => ApiError::new(400, e.to_string()),
         other => ApiError::new(500, other.to_string()),
     }
 }
@@ -306,7 +354,33 @@ impl VmmBackend for Vmm {
             config: self.config.to_ch_json(),
             state: self.state(),
             memory_actual_size: self.config.memory_size,
+            snapshot: Some(self.snapshot_info()),
         })
+    }
+
+    fn vm_snapshot(
+        &self,
+        config: &crate::api::VmSnapshotConfig,
+    ) -> std::result::Result<(), ApiError> {
+        if config.parent.is_some() {
+            return Err(ApiError::new(
+                501,
+                "diff snapshots (parent) are not implemented in this build",
+            ));
+        }
+        self.snapshot(&config.destination_url)
+            .map(|_| ())
+            .map_err(api_error)
+    }
+
+    fn vm_restore(
+        &self,
+        _config: &crate::api::VmRestoreConfig,
+    ) -> std::result::Result<(), ApiError> {
+        Err(ApiError::new(
+            405,
+            "cannot restore: this VMM already has a VM (start ext-vmm with only --api-socket)",
+        ))
     }
 
     fn vm_pause(&self) -> std::result::Result<(), ApiError> {

@@ -59,8 +59,17 @@ enum Request {
     Stop,
 }
 
+/// Work the controller asks every parked vCPU thread to do on its own vCPU (KVM wants vCPU
+/// state read and written by the thread that runs it, and `VcpuFd` lives on that thread).
+pub type ParkedWork = Arc<dyn Fn(&Vcpu) + Send + Sync>;
+
 struct ControlState {
     request: Request,
+    /// The latest work for parked threads, and its generation number.
+    work: Option<ParkedWork>,
+    work_generation: u64,
+    /// Parked threads that finished the current work.
+    work_done: usize,
     /// vCPU threads currently inside their loop (not yet finished).
     alive: usize,
     /// vCPU threads parked on the condition variable.
@@ -81,6 +90,9 @@ impl Default for VcpuControl {
             pending: AtomicBool::new(false),
             state: Mutex::new(ControlState {
                 request: Request::Run,
+                work: None,
+                work_generation: 0,
+                work_done: 0,
                 alive: 0,
                 parked: 0,
             }),
@@ -102,13 +114,27 @@ impl VcpuControl {
         self.changed.notify_all();
     }
 
-    /// Called by a vCPU thread that saw `pending`: parks while paused. Returns false on stop.
-    fn park(&self) -> bool {
+    /// Called by a vCPU thread that saw `pending`: parks while paused, doing the controller's
+    /// [`ParkedWork`] on `vcpu` meanwhile. Returns false on stop.
+    fn park(&self, vcpu: &Vcpu) -> bool {
         let mut state = self.lock();
         if state.request == Request::Pause {
             state.parked += 1;
+            // Work published before this thread parked is not for it.
+            let mut seen = state.work_generation;
             self.changed.notify_all();
             while state.request == Request::Pause {
+                if state.work_generation != seen {
+                    seen = state.work_generation;
+                    if let Some(work) = state.work.clone() {
+                        drop(state);
+                        work(vcpu);
+                        state = self.lock();
+                        state.work_done += 1;
+                        self.changed.notify_all();
+                        continue;
+                    }
+                }
                 state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
             }
             state.parked -= 1;
@@ -304,7 +330,7 @@ impl Vcpu {
             if control.pending.load(Ordering::SeqCst) {
                 // A parked vCPU must not keep the others held by a grant.
                 self.release_permission_grant();
-                if !control.park() {
+                if !control.park(self) {
                     return Ok(VcpuStop::Stopped);
                 }
             }
@@ -379,6 +405,33 @@ pub fn spawn_vcpu(mut vcpu: Vcpu, control: Arc<VcpuControl>) -> Result<VcpuHandl
 pub fn pause_all(control: &VcpuControl, handles: &[VcpuHandle]) {
     control.set_request(Request::Pause);
     kick_until(control, handles, || control.all_parked());
+}
+
+/// Makes vCPU threads park as soon as they start (a restored VM that must stay paused).
+pub fn hold_before_start(control: &VcpuControl) {
+    control.set_request(Request::Pause);
+}
+
+/// Runs `work` on every parked vCPU thread and returns once all of them have done it. The
+/// caller has paused the VM (`pause_all`) and keeps it paused meanwhile; returns how many
+/// threads did the work.
+pub fn run_on_parked(control: &VcpuControl, work: ParkedWork) -> usize {
+    let mut state = control.lock();
+    if state.request != Request::Pause {
+        return 0;
+    }
+    state.work = Some(work);
+    state.work_generation += 1;
+    state.work_done = 0;
+    control.changed.notify_all();
+    while state.work_done < state.parked {
+        state = control
+            .changed
+            .wait(state)
+            .unwrap_or_else(|p| p.into_inner());
+    }
+    state.work = None;
+    state.work_done
 }
 
 /// Lets parked vCPUs run again.

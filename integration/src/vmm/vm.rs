@@ -28,6 +28,7 @@ use super::exit::ExitEvent;
 use super::layout::*;
 use super::memory::{create_guest_memory, register_memory};
 use super::perm::PermHook;
+use super::snapshot::VmSnapshotState;
 use super::vcpu::{Vcpu, VcpuCounters};
 use super::virtio::block::Block;
 use super::virtio::console::Console;
@@ -166,8 +167,27 @@ impl Vm {
         if config.memory_size > (1 << 40) {
             return Err(Error::Unsupported("more than 1 TiB of memory".into()));
         }
-        let (kvm, fd) = create_kvm_vm()?;
         let memory = create_guest_memory(config.memory_size, config.memory_shared)?;
+        Self::build(config, memory, None)
+    }
+
+    /// Builds the VM of a snapshot on `memory` (already restored): devices continue from
+    /// their saved state, vCPUs and the in-kernel irqchip, PIT and clock are loaded from
+    /// `state`; nothing is written into guest memory.
+    pub fn restore(
+        config: &VmConfig,
+        memory: GuestMemoryMmap,
+        state: &VmSnapshotState,
+    ) -> Result<Self> {
+        Self::build(config, memory, Some(state))
+    }
+
+    fn build(
+        config: &VmConfig,
+        memory: GuestMemoryMmap,
+        saved: Option<&VmSnapshotState>,
+    ) -> Result<Self> {
+        let (kvm, fd) = create_kvm_vm()?;
         register_memory(&fd, &memory)?;
         let perm = match PermHook::attach(&kvm, &fd, &memory, config.cpus) {
             Ok(perm) => Some(Arc::new(perm)),
@@ -179,13 +199,14 @@ impl Vm {
         let exit = Arc::new(ExitEvent::new()?);
 
         let mut pio = Bus::new();
-        let serial = Arc::new(Mutex::new(
-            SerialDevice::new(
-                IrqTrigger(irqfd(&fd, COM1_GSI)?),
-                console_writer(&config.serial)?,
-            )
-            .map_err(|e| Error::Sys("serial eventfd", e))?,
-        ));
+        let serial_irq = IrqTrigger(irqfd(&fd, COM1_GSI)?);
+        let serial_out = console_writer(&config.serial)?;
+        let serial = match saved {
+            None => SerialDevice::new(serial_irq, serial_out),
+            Some(saved) => SerialDevice::from_state(serial_irq, serial_out, &saved.serial),
+        }
+        .map_err(|e| Error::Sys("serial device", e))?;
+        let serial = Arc::new(Mutex::new(serial));
         let serial_counters = serial.lock().unwrap_or_else(|p| p.into_inner()).counters();
         pio.insert(serial.clone(), u64::from(COM1_PORT), 8)?;
         let i8042 = I8042(I8042Device::new(ResetTrigger(exit.clone())));
@@ -203,6 +224,15 @@ impl Vm {
         for (i, disk) in config.disks.iter().enumerate() {
             devices.push((format!("virtio-blk{i}"), Box::new(Block::new(disk)?)));
         }
+        if let Some(saved) = saved {
+            let names: Vec<&str> = devices.iter().map(|(n, _)| n.as_str()).collect();
+            let saved_names: Vec<&str> = saved.virtio.iter().map(|t| t.name.as_str()).collect();
+            if names != saved_names {
+                return Err(Error::Snapshot(format!(
+                    "the config builds virtio devices {names:?}, the snapshot has {saved_names:?}"
+                )));
+            }
+        }
         let mut mmio = Bus::new();
         let mut virtio = Vec::new();
         let mut resources = Vec::new();
@@ -213,11 +243,16 @@ impl Vm {
             }
             let base = VIRTIO_MMIO_START + i as u64 * VIRTIO_MMIO_SIZE;
             let interrupt = Arc::new(VirtioInterrupt::new(irqfd(&fd, gsi)?));
-            let transport = Arc::new(Mutex::new(MmioTransport::new(
-                device,
-                memory.clone(),
-                interrupt,
-            )));
+            let transport = match saved {
+                None => MmioTransport::new(device, memory.clone(), interrupt),
+                Some(saved) => MmioTransport::restore(
+                    device,
+                    memory.clone(),
+                    interrupt,
+                    &saved.virtio[i].state,
+                )?,
+            };
+            let transport = Arc::new(Mutex::new(transport));
             mmio.insert(transport.clone(), base, VIRTIO_MMIO_SIZE)?;
             resources.push(VirtioMmioResource {
                 base,
@@ -227,8 +262,14 @@ impl Vm {
             virtio.push(VirtioSlot { name, transport });
         }
 
-        let rsdp = write_acpi_tables(&memory, config.cpus, &resources)?;
-        let boot = load_pvh(&memory, config, rsdp)?;
+        // A restored guest already has its tables and kernel in memory.
+        let entry = match saved {
+            None => {
+                let rsdp = write_acpi_tables(&memory, config.cpus, &resources)?;
+                Some(load_pvh(&memory, config, rsdp)?)
+            }
+            Some(_) => None,
+        };
 
         let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
         let mut vcpus = Vec::new();
@@ -237,9 +278,18 @@ impl Vm {
             let vcpu_fd = fd
                 .create_vcpu(u64::from(id))
                 .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
-            configure_vcpu(&kvm, &vcpu_fd, id, config.cpus)?;
-            if id == 0 {
-                cpu::setup_pvh_registers(&vcpu_fd, &memory, boot.entry, boot.start_info)?;
+            match saved {
+                Some(saved) => saved
+                    .vcpus
+                    .get(usize::from(id))
+                    .ok_or_else(|| Error::Snapshot(format!("no state for vCPU {id}")))?
+                    .restore(&vcpu_fd)?,
+                None => {
+                    configure_vcpu(&kvm, &vcpu_fd, id, config.cpus)?;
+                    if let (0, Some(boot)) = (id, &entry) {
+                        cpu::setup_pvh_registers(&vcpu_fd, &memory, boot.entry, boot.start_info)?;
+                    }
+                }
             }
             let counters = Arc::new(VcpuCounters::default());
             vcpu_counters.push(counters.clone());
@@ -253,11 +303,17 @@ impl Vm {
                 perm: perm.clone(),
             });
         }
+        if let Some(saved) = saved {
+            saved.machine.restore(&fd)?;
+        }
         tracing::info!(
-            "VM ready: {} vCPU(s), {} MiB, PVH entry {:#x}, {} virtio device(s)",
+            "VM ready: {} vCPU(s), {} MiB, {}, {} virtio device(s)",
             config.cpus,
             config.memory_size >> 20,
-            boot.entry.0,
+            match &entry {
+                Some(boot) => format!("PVH entry {:#x}", boot.entry.0),
+                None => "restored from a snapshot".to_string(),
+            },
             virtio.len()
         );
         Ok(Vm {

@@ -2,6 +2,7 @@
 //! line and the hardware-reduced ACPI sleep/reset registers.
 
 pub mod legacy;
+pub mod persist;
 pub mod serial;
 
 use std::io;

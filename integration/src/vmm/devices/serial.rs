@@ -13,6 +13,7 @@ use vm_superio::serial::SerialEvents;
 use vm_superio::Serial;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::persist::SerialSnapshot;
 use super::IrqTrigger;
 use crate::vmm::bus::BusDevice;
 
@@ -78,6 +79,28 @@ impl SerialDevice {
             serial: Serial::with_events(irq, room, writer),
             counters,
         })
+    }
+
+    /// A UART that continues from `state` (a restored snapshot).
+    pub fn from_state(
+        irq: IrqTrigger,
+        out: Box<dyn Write + Send>,
+        state: &SerialSnapshot,
+    ) -> io::Result<Self> {
+        let counters = Arc::new(SerialCounters::default());
+        let writer = CountingWriter {
+            inner: out,
+            counters: counters.clone(),
+        };
+        let room = InputRoom(EventFd::new(EFD_NONBLOCK)?);
+        let serial = Serial::from_state(&state.into(), irq, room, writer)
+            .map_err(|e| io::Error::other(format!("serial state: {e:?}")))?;
+        Ok(SerialDevice { serial, counters })
+    }
+
+    /// The registers and receive FIFO, for a snapshot.
+    pub fn state(&self) -> SerialSnapshot {
+        self.serial.state().into()
     }
 
     /// An eventfd that fires whenever the guest empties the receive FIFO.

@@ -5,7 +5,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueState, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::{
@@ -269,6 +269,13 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         self.active = None;
+    }
+
+    fn queue_states(&self) -> Vec<QueueState> {
+        self.active
+            .as_ref()
+            .map(|a| vec![a.queue.state()])
+            .unwrap_or_default()
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::{
@@ -23,6 +23,8 @@ const MAX_CHUNK: u32 = 1 << 20;
 
 struct Active {
     memory: GuestMemoryMmap,
+    /// Never filled, but kept so a snapshot records the driver's setup of it.
+    receive: Queue,
     transmit: Queue,
     interrupt: Arc<VirtioInterrupt>,
 }
@@ -107,8 +109,10 @@ impl VirtioDevice for Console {
             return Err(Error::Virtio("console needs two queues".into()));
         }
         let transmit = context.queues.remove(TRANSMIT_QUEUE as usize);
+        let receive = context.queues.remove(0);
         self.active = Some(Active {
             memory: context.memory,
+            receive,
             transmit,
             interrupt: context.interrupt,
         });
@@ -126,6 +130,13 @@ impl VirtioDevice for Console {
 
     fn reset(&mut self) {
         self.active = None;
+    }
+
+    fn queue_states(&self) -> Vec<QueueState> {
+        self.active
+            .as_ref()
+            .map(|a| vec![a.receive.state(), a.transmit.state()])
+            .unwrap_or_default()
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {

@@ -2,11 +2,13 @@
 
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 
+use super::persist::{QueueSnapshot, TransportSnapshot};
 use super::{ActivateContext, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::vmm::bus::BusDevice;
+use crate::vmm::error::{Error, Result};
 
 /// "virt" in little endian.
 pub const MMIO_MAGIC_VALUE: u32 = 0x7472_6976;
@@ -80,6 +82,83 @@ impl MmioTransport {
             status: 0,
             activated: false,
             config_generation: 0,
+        }
+    }
+
+    /// Rebuilds a transport from a snapshot: registers, queues and, for an activated device,
+    /// the device itself running on the restored queues. Fails when the snapshot describes
+    /// another device type or queues the device does not have.
+    pub fn restore(
+        device: Box<dyn VirtioDevice>,
+        memory: GuestMemoryMmap,
+        interrupt: Arc<VirtioInterrupt>,
+        state: &TransportSnapshot,
+    ) -> Result<Self> {
+        if state.device_type != device.device_type()
+            || state.queues.len() != device.queue_max_sizes().len()
+        {
+            return Err(Error::Snapshot(format!(
+                "virtio device type {} with {} queues does not match the snapshot's type {} \
+                 with {} queues",
+                device.device_type(),
+                device.queue_max_sizes().len(),
+                state.device_type,
+                state.queues.len()
+            )));
+        }
+        let queues = state
+            .queues
+            .iter()
+            .map(|q| {
+                Queue::try_from(QueueState::from(q))
+                    .map_err(|e| Error::Snapshot(format!("virtio queue state: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        interrupt.restore_status(state.interrupt_status);
+        let mut transport = MmioTransport {
+            device,
+            memory,
+            interrupt,
+            queues,
+            queue_select: state.queue_select,
+            device_features_select: state.device_features_select,
+            driver_features_select: state.driver_features_select,
+            driver_features: state.driver_features,
+            status: state.status,
+            activated: false,
+            config_generation: state.config_generation,
+        };
+        if state.activated {
+            let context = ActivateContext {
+                memory: transport.memory.clone(),
+                queues: std::mem::take(&mut transport.queues),
+                interrupt: transport.interrupt.clone(),
+                acked_features: transport.driver_features,
+            };
+            transport.device.activate(context)?;
+            transport.activated = true;
+        }
+        Ok(transport)
+    }
+
+    /// The transport's and device's state, for a snapshot (the VM must be paused).
+    pub fn state(&self) -> TransportSnapshot {
+        let queues = if self.activated {
+            self.device.queue_states()
+        } else {
+            self.queues.iter().map(|q| q.state()).collect()
+        };
+        TransportSnapshot {
+            device_type: self.device.device_type(),
+            status: self.status,
+            driver_features: self.driver_features,
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            queue_select: self.queue_select,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            activated: self.activated,
+            queues: queues.into_iter().map(QueueSnapshot::from).collect(),
         }
     }
 

@@ -9,10 +9,11 @@
 pub mod block;
 pub mod console;
 pub mod mmio;
+pub mod persist;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueState};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -63,6 +64,12 @@ impl VirtioInterrupt {
         self.status.load(Ordering::SeqCst)
     }
 
+    /// Sets the `InterruptStatus` bits of a restored snapshot (the interrupt itself is
+    /// already pending in the restored irqchip).
+    pub fn restore_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
+    }
+
     /// `InterruptACK`: clears the acknowledged bits.
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
@@ -105,6 +112,9 @@ pub trait VirtioDevice: Send {
     fn queue_notify(&mut self, index: u32);
     /// The driver reset the device: drop the queues and return to the pre-activation state.
     fn reset(&mut self);
+    /// The state of every queue the device received at activation, in device queue order
+    /// (empty while not activated), for a snapshot.
+    fn queue_states(&self) -> Vec<QueueState>;
     /// Name/value counters for `vm.counters`.
     fn counters(&self) -> Vec<(&'static str, u64)>;
 }

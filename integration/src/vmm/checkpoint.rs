@@ -1,0 +1,262 @@
+//! `vm.snapshot` and restore for [`Vmm`]: collects the state of a paused VM (vCPU state read by
+//! each parked vCPU thread on its own vCPU, VM and device state, memory through ext-snapshot)
+//! and builds a new VM from a validated snapshot directory in one of the three memory modes.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use ext_snapshot::restore::lazy::{restore_lazy, LazyRestore};
+use ext_snapshot::restore::mapped::{restore_mapped, MappedOptions};
+use ext_snapshot::{
+    restore_chain_eager, restore_eager, EagerOptions, PageType, SnapshotChain, SnapshotFile,
+    SnapshotWriter, WriteOptions,
+};
+use kvm_ioctls::Kvm;
+use vm_memory::GuestMemoryMmap;
+
+use super::error::{Error, Result};
+use super::memory::create_guest_memory;
+use super::persist::{MachineState, VcpuState};
+use super::snapshot::{
+    MemoryRef, MemoryRestoreMode, NamedTransport, RestoreConfig, SnapshotDir, VmSnapshotState,
+};
+use super::vcpu::{self, Vcpu};
+use super::vm::Vm;
+use super::Vmm;
+use crate::api::VmState;
+
+/// What the last snapshot or restore of this VMM did, for `vm.info` and `vm.counters`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SnapshotFigures {
+    /// Pages by type (`unpopulated`, `invalid`, `zero`, `data`, `same_as_parent`).
+    pub pages: [u64; 5],
+    /// Bytes of the memory file (snapshot) or of data copied/mapped (restore).
+    pub bytes: u64,
+    /// Wall-clock seconds of the whole operation.
+    pub seconds: f64,
+}
+
+impl SnapshotFigures {
+    /// Name/value pairs for `vm.counters` (seconds in microseconds, counters are integers).
+    pub fn counters(&self) -> Vec<(String, u64)> {
+        let mut out: Vec<(String, u64)> = PAGE_TYPE_NAMES
+            .iter()
+            .zip(self.pages)
+            .map(|(name, pages)| (format!("{name}_pages"), pages))
+            .collect();
+        out.push(("bytes".into(), self.bytes));
+        out.push(("micros".into(), (self.seconds * 1e6) as u64));
+        out
+    }
+
+    /// The figures as JSON for `vm.info`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let pages: serde_json::Map<String, serde_json::Value> = PAGE_TYPE_NAMES
+            .iter()
+            .zip(self.pages)
+            .map(|(name, pages)| (name.to_string(), pages.into()))
+            .collect();
+        serde_json::json!({ "pages": pages, "bytes": self.bytes, "seconds": self.seconds })
+    }
+}
+
+/// Page type names in `PageType as usize` order.
+const PAGE_TYPE_NAMES: [&str; 5] = ["unpopulated", "invalid", "zero", "data", "same_as_parent"];
+
+/// Guest memory that came from a snapshot, and what must stay alive for it.
+pub(super) enum RestoredMemory {
+    /// Plain memory (copy and mapped modes).
+    Ready,
+    /// Memory served by ext-snapshot's userfaultfd handler until the VMM exits.
+    OnDemand(LazyRestore),
+}
+
+impl RestoredMemory {
+    /// The userfaultfd handler's live counters (on-demand restores only).
+    pub(super) fn counters(&self) -> Option<Vec<(String, u64)>> {
+        let RestoredMemory::OnDemand(lazy) = self else {
+            return None;
+        };
+        let stats = lazy.stats();
+        Some(vec![
+            ("faults".into(), stats.faults),
+            ("data_pages_copied".into(), stats.data_pages_copied),
+            ("zero_pages_mapped".into(), stats.zero_pages_mapped),
+            ("extents_verified".into(), stats.extents_verified),
+        ])
+    }
+}
+
+impl Vmm {
+    /// Writes a snapshot of the paused VM to `destination_url` (see [`super::snapshot`]).
+    /// `Err(InvalidState)` when the VM is not paused.
+    pub fn snapshot(&self, destination_url: &str) -> Result<SnapshotFigures> {
+        let started = Instant::now();
+        let dir = SnapshotDir::from_url(destination_url)?;
+        let lifecycle = self.lock();
+        if lifecycle.state != VmState::Paused {
+            return Err(Error::InvalidState(lifecycle.state, "snapshot"));
+        }
+        let Some((vm_fd, memory)) = lifecycle.booted.as_ref() else {
+            return Err(Error::InvalidState(lifecycle.state, "snapshot"));
+        };
+        let vcpus = self.save_vcpus()?;
+        let machine = MachineState::save(vm_fd)?;
+        let serial = self
+            .serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .state();
+        let virtio = self
+            .virtio
+            .iter()
+            .map(|slot| NamedTransport {
+                name: slot.name.clone(),
+                state: slot
+                    .transport
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .state(),
+            })
+            .collect();
+        let state = VmSnapshotState {
+            vcpus,
+            machine,
+            serial,
+            virtio,
+            memory: MemoryRef::default(),
+        };
+        dir.create()?;
+        let report = SnapshotWriter::new(WriteOptions::default())
+            .write_file(memory, &dir.memory_path())
+            .map_err(Error::SnapshotMemory)?;
+        dir.write_state(&self.config, &state)?;
+        let figures = SnapshotFigures {
+            pages: report.pages_by_type,
+            bytes: report.output_bytes,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        tracing::info!(
+            "snapshot written to {}: {} data pages, {} bytes, {:.3} s",
+            dir.path().display(),
+            report.pages(PageType::Data),
+            report.output_bytes,
+            figures.seconds
+        );
+        *self.figures.lock().unwrap_or_else(|p| p.into_inner()) = (Some(figures.clone()), None);
+        Ok(figures)
+    }
+
+    /// Each parked vCPU thread reads its own vCPU's state.
+    fn save_vcpus(&self) -> Result<Vec<VcpuState>> {
+        let kvm = Arc::new(Kvm::new().map_err(|e| Error::Kvm("open /dev/kvm", e))?);
+        let results: Arc<Mutex<Vec<Result<VcpuState>>>> = Arc::default();
+        let sink = results.clone();
+        let work = Arc::new(move |vcpu: &Vcpu| {
+            let state = VcpuState::save(&kvm, &vcpu.fd, vcpu.id);
+            sink.lock().unwrap_or_else(|p| p.into_inner()).push(state);
+        });
+        let done = vcpu::run_on_parked(&self.control, work);
+        let mut states = std::mem::take(&mut *results.lock().unwrap_or_else(|p| p.into_inner()))
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?;
+        if done != usize::from(self.config.cpus) || states.len() != done {
+            return Err(Error::Snapshot(format!(
+                "{done} of {} vCPU threads answered; a vCPU that stopped cannot be saved",
+                self.config.cpus
+            )));
+        }
+        states.sort_by_key(|s| s.id);
+        Ok(states)
+    }
+
+    /// Builds a VMM from a snapshot: validates everything, restores memory in the requested
+    /// mode, re-creates the VM and its devices from the saved state, and starts the vCPU
+    /// threads paused (or running with `resume`).
+    pub fn restore(restore: &RestoreConfig) -> Result<Self> {
+        let started = Instant::now();
+        let loaded = SnapshotDir::from_url(&restore.source_url)?.load()?;
+        let config = loaded.config.clone();
+        let (memory, restored, mut figures) =
+            restore_memory(&loaded.memory_chain, restore.memory_restore_mode, &config)?;
+        vcpu::register_kick_handler()?;
+        let vm = Vm::restore(&config, memory, &loaded.state)?;
+        let vmm = Vmm::from_vm(config, vm, restored);
+        vmm.boot_paused()?;
+        figures.seconds = started.elapsed().as_secs_f64();
+        tracing::info!(
+            "restored from {} ({:?}) in {:.3} s",
+            loaded.dir.path().display(),
+            restore.memory_restore_mode,
+            figures.seconds
+        );
+        *vmm.figures.lock().unwrap_or_else(|p| p.into_inner()) = (None, Some(figures));
+        if restore.resume {
+            vmm.resume()?;
+        }
+        Ok(vmm)
+    }
+
+    /// Starts the vCPU threads of a restored VM parked (Created → Paused).
+    fn boot_paused(&self) -> Result<()> {
+        vcpu::hold_before_start(&self.control);
+        self.boot()?;
+        let mut lifecycle = self.lock();
+        vcpu::pause_all(&self.control, &lifecycle.handles);
+        lifecycle.state = VmState::Paused;
+        self.state_changed.notify_all();
+        Ok(())
+    }
+}
+
+/// Fills new guest memory from the snapshot's memory files (oldest first).
+fn restore_memory(
+    chain: &[std::path::PathBuf],
+    mode: MemoryRestoreMode,
+    config: &super::config::VmConfig,
+) -> Result<(GuestMemoryMmap, RestoredMemory, SnapshotFigures)> {
+    let eager = EagerOptions {
+        target_is_fresh: true,
+        threads: 2,
+    };
+    let mut figures = SnapshotFigures::default();
+    let [path] = chain else {
+        if mode != MemoryRestoreMode::Copy {
+            return Err(Error::Snapshot(format!(
+                "a diff snapshot ({} layers) restores with memory_restore_mode=copy only",
+                chain.len()
+            )));
+        }
+        let chain = SnapshotChain::open(chain).map_err(Error::SnapshotMemory)?;
+        let memory = create_guest_memory(config.memory_size, config.memory_shared)?;
+        let report = restore_chain_eager(&chain, &memory, eager).map_err(Error::SnapshotMemory)?;
+        figures.pages[PageType::Data as usize] = report.data_pages;
+        figures.bytes = report.data_pages * ext_snapshot::PAGE_SIZE;
+        return Ok((memory, RestoredMemory::Ready, figures));
+    };
+    let file = SnapshotFile::open(path).map_err(Error::SnapshotMemory)?;
+    figures.pages = file.pages_by_type();
+    figures.bytes = file.data_bytes();
+    drop(file);
+    if mode != MemoryRestoreMode::Copy && config.memory_shared {
+        tracing::warn!("memory_restore_mode={mode:?} gives private memory; shared=on is not kept");
+    }
+    match mode {
+        MemoryRestoreMode::Copy => {
+            let file = SnapshotFile::open(path).map_err(Error::SnapshotMemory)?;
+            let memory = create_guest_memory(config.memory_size, config.memory_shared)?;
+            restore_eager(&file, &memory, eager).map_err(Error::SnapshotMemory)?;
+            Ok((memory, RestoredMemory::Ready, figures))
+        }
+        MemoryRestoreMode::Mapped => {
+            let (memory, _report) = restore_mapped(path, MappedOptions { verify_data: true })
+                .map_err(Error::SnapshotMemory)?;
+            Ok((memory, RestoredMemory::Ready, figures))
+        }
+        MemoryRestoreMode::OnDemand => {
+            let lazy = restore_lazy(path).map_err(Error::SnapshotMemory)?;
+            let memory = lazy.memory().clone();
+            Ok((memory, RestoredMemory::OnDemand(lazy), figures))
+        }
+    }
+}

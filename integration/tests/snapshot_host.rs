@@ -1,0 +1,339 @@
+//! `vm.snapshot` and restore on this host's `/dev/kvm` with a tiny PVH guest.
+//!
+//! The guest keeps a counter in memory, prints one letter per step on COM1 (`'a' + count % 16`)
+//! and powers off after `STEPS` steps, so its whole serial output is known in advance. A VM is
+//! paused mid-run, snapshotted, and restored into new VMs in every memory mode; the output of
+//! the original before the pause followed by the restored VM's output must be exactly the
+//! expected output (memory, registers and device state all continued). Without `/dev/kvm`
+//! every test prints a `SKIPPED:` line and returns.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use integration::api::{VmRestoreConfig, VmSnapshotConfig, VmState, VmmBackend};
+use integration::vmm::config::{SerialOutput, VmConfig};
+use integration::vmm::exit::ExitReason;
+use integration::vmm::slot::{SlotEvent, VmmSlot};
+use integration::vmm::snapshot::{MemoryRestoreMode, RestoreConfig, STATE_FILE};
+use integration::vmm::Vmm;
+
+/// Steps the guest makes before powering off.
+const STEPS: u32 = 60_000;
+/// Guest-physical address of the counter.
+const COUNTER: u32 = 0x3000;
+
+fn kvm_available(test: &str) -> bool {
+    if Path::new("/dev/kvm").exists() {
+        true
+    } else {
+        println!("SKIPPED: {test}: /dev/kvm not available");
+        false
+    }
+}
+
+fn wait_for(mut condition: impl FnMut() -> bool) -> bool {
+    // A generous bound only so a broken build fails instead of hanging; no speed is asserted.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    false
+}
+
+/// The counting guest (32-bit code, entered like a PVH kernel).
+fn counting_guest() -> Vec<u8> {
+    let counter = COUNTER.to_le_bytes();
+    let mut code = vec![0xff, 0x05]; // loop: inc dword [COUNTER]
+    code.extend(counter);
+    code.push(0xa1); // mov eax, [COUNTER]
+    code.extend(counter);
+    code.extend([0x66, 0xba, 0xf8, 0x03]); // mov dx, 0x3f8
+    code.extend([0x24, 0x0f]); // and al, 0x0f
+    code.extend([0x04, b'a']); // add al, 'a'
+    code.push(0xee); // out dx, al
+    code.push(0xa1); // mov eax, [COUNTER]
+    code.extend(counter);
+    code.push(0x3d); // cmp eax, STEPS
+    code.extend(STEPS.to_le_bytes());
+    let back = -(code.len() as i8 + 2);
+    code.extend([0x75, back as u8]); // jne loop
+    code.extend([0x66, 0xba, 0xc0, 0x03]); // mov dx, 0x3c0 (ACPI sleep control)
+    code.extend([0xb0, 0x34]); // mov al, SLP_TYP 5 | SLP_EN
+    code.push(0xee); // out dx, al
+    code.extend([0xf4, 0xeb, 0xfd]); // hlt; jmp hlt
+    code
+}
+
+fn expected_output() -> Vec<u8> {
+    (1..=STEPS).map(|c| b'a' + (c % 16) as u8).collect()
+}
+
+/// A minimal ELF64 "kernel" with a Xen PVH entry note whose code is `code`, loaded at 1 MiB.
+fn pvh_elf(code: &[u8]) -> Vec<u8> {
+    const LOAD_ADDR: u64 = 0x10_0000;
+    const CODE_OFFSET: u64 = 0x200;
+    let note_offset = 64 + 2 * 56;
+    let mut elf = vec![0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&LOAD_ADDR.to_le_bytes()); // e_entry
+    elf.extend_from_slice(&64u64.to_le_bytes()); // e_phoff
+    elf.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+    elf.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+    for half in [64u16, 56, 2, 64, 0, 0] {
+        elf.extend_from_slice(&half.to_le_bytes());
+    }
+    let phdr = |elf: &mut Vec<u8>, kind: u32, offset: u64, addr: u64, size: u64| {
+        elf.extend_from_slice(&kind.to_le_bytes());
+        elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
+        for field in [offset, addr, addr, size, size, 0x1000] {
+            elf.extend_from_slice(&field.to_le_bytes());
+        }
+    };
+    phdr(&mut elf, 1, CODE_OFFSET, LOAD_ADDR, code.len() as u64); // PT_LOAD
+    phdr(&mut elf, 4, note_offset, 0, 20); // PT_NOTE
+    for word in [4u32, 4, 18] {
+        // XEN_ELFNOTE_PHYS32_ENTRY, name "Xen", 32-bit entry point.
+        elf.extend_from_slice(&word.to_le_bytes());
+    }
+    elf.extend_from_slice(b"Xen\0");
+    elf.extend_from_slice(&(LOAD_ADDR as u32).to_le_bytes());
+    elf.resize(CODE_OFFSET as usize, 0);
+    elf.extend_from_slice(code);
+    elf
+}
+
+fn config(dir: &Path) -> VmConfig {
+    let kernel = dir.join("vmlinux");
+    std::fs::write(&kernel, pvh_elf(&counting_guest())).unwrap();
+    let mut config = VmConfig::new(kernel);
+    config.memory_size = 64 << 20;
+    config.memory_shared = true;
+    config.serial = SerialOutput::File(dir.join("serial.out"));
+    config
+}
+
+fn url(path: &Path) -> String {
+    format!("file://{}", path.display())
+}
+
+fn serial_bytes(vmm: &Vmm) -> u64 {
+    vmm.vm_counters().unwrap()["serial"]["tx_bytes"]
+}
+
+/// Runs `vmm` (already booted or restored) on a main-loop thread until `serial` holds more
+/// than `at_least` bytes, pauses it and snapshots it into `snapshot`; the VM is then shut
+/// down. Returns the serial output written so far.
+fn run_pause_snapshot(vmm: Arc<Vmm>, at_least: u64, serial: &Path, snapshot: &Path) -> Vec<u8> {
+    let main_loop = {
+        let vmm = vmm.clone();
+        std::thread::spawn(move || vmm.run_until_exit())
+    };
+    if vmm.state() == VmState::Paused {
+        vmm.resume().unwrap();
+    }
+    assert!(
+        wait_for(|| serial_bytes(&vmm) > at_least),
+        "the guest did not run"
+    );
+    vmm.vm_pause().unwrap();
+    let running = VmSnapshotConfig {
+        destination_url: url(snapshot),
+        parent: None,
+    };
+    vmm.vm_snapshot(&running).unwrap();
+    let prefix = std::fs::read(serial).unwrap();
+    assert!(
+        (prefix.len() as u32) < STEPS,
+        "the guest finished before the pause"
+    );
+    vmm.vm_shutdown().unwrap();
+    assert_eq!(main_loop.join().unwrap().unwrap(), ExitReason::Requested);
+    prefix
+}
+
+/// Restores `snapshot` in `mode` with the serial file cut back to `prefix`, runs the guest to
+/// its power-off and checks the whole output.
+fn restore_and_finish(snapshot: &Path, mode: MemoryRestoreMode, serial: &Path, prefix: &[u8]) {
+    std::fs::write(serial, prefix).unwrap();
+    let vmm = Vmm::restore(&RestoreConfig {
+        source_url: url(snapshot),
+        memory_restore_mode: mode,
+        resume: true,
+    })
+    .unwrap_or_else(|e| panic!("restore ({mode:?}): {e}"));
+    assert_eq!(vmm.state(), VmState::Running);
+    assert_eq!(vmm.run_until_exit().unwrap(), ExitReason::PowerOff);
+    let output = std::fs::read(serial).unwrap();
+    assert_eq!(
+        output.len(),
+        expected_output().len(),
+        "{mode:?}: output length"
+    );
+    assert!(
+        output == expected_output(),
+        "{mode:?}: the guest did not continue exactly"
+    );
+    let counters = vmm.vm_counters().unwrap();
+    assert!(counters["restore"]["data_pages"] > 0, "{counters:?}");
+}
+
+#[test]
+fn a_snapshotted_guest_continues_exactly_in_every_restore_mode() {
+    if !kvm_available("a_snapshotted_guest_continues_exactly_in_every_restore_mode") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path());
+    let serial = dir.path().join("serial.out");
+    let snapshot = dir.path().join("snap1");
+    let vmm = Arc::new(Vmm::new(config).unwrap());
+    vmm.boot().unwrap();
+    let prefix = run_pause_snapshot(vmm.clone(), 2000, &serial, &snapshot);
+    let info = vmm.vm_info().unwrap();
+    assert!(info.snapshot.unwrap()["last_snapshot"]["pages"]["data"].as_u64() > Some(0));
+    for mode in [
+        MemoryRestoreMode::Copy,
+        MemoryRestoreMode::Mapped,
+        MemoryRestoreMode::OnDemand,
+    ] {
+        restore_and_finish(&snapshot, mode, &serial, &prefix);
+    }
+
+    // Snapshot a restored VM again, and restore that.
+    std::fs::write(&serial, &prefix).unwrap();
+    let restored = Arc::new(
+        Vmm::restore(&RestoreConfig {
+            source_url: url(&snapshot),
+            memory_restore_mode: MemoryRestoreMode::OnDemand,
+            resume: false,
+        })
+        .unwrap(),
+    );
+    assert_eq!(restored.state(), VmState::Paused);
+    let snapshot2 = dir.path().join("snap2");
+    let prefix2 = run_pause_snapshot(restored, prefix.len() as u64 + 2000, &serial, &snapshot2);
+    assert!(prefix2.len() > prefix.len() + 2000);
+    restore_and_finish(&snapshot2, MemoryRestoreMode::Copy, &serial, &prefix2);
+}
+
+fn snapshot_of_a_paused_guest(dir: &Path) -> PathBuf {
+    let vmm = Arc::new(Vmm::new(config(dir)).unwrap());
+    vmm.boot().unwrap();
+    let snapshot = dir.join("snap");
+    run_pause_snapshot(vmm, 100, &dir.join("serial.out"), &snapshot);
+    snapshot
+}
+
+#[test]
+fn damaged_snapshots_are_refused_before_a_vm_exists() {
+    if !kvm_available("damaged_snapshots_are_refused_before_a_vm_exists") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let snapshot = snapshot_of_a_paused_guest(dir.path());
+    let restore = |what: &str| {
+        let slot = VmmSlot::default();
+        let error = slot
+            .vm_restore(&VmRestoreConfig {
+                source_url: url(&snapshot),
+                memory_restore_mode: None,
+                resume: None,
+            })
+            .expect_err(what);
+        assert_eq!(error.status, 400, "{what}: {error:?}");
+        assert_eq!(slot.vm_info().unwrap_err().status, 404, "{what}");
+        error.messages.join(" ")
+    };
+    let state_path = snapshot.join(STATE_FILE);
+    let state = std::fs::read(&state_path).unwrap();
+
+    // A flipped digit inside the state: still JSON, but the checksum no longer matches.
+    let text = String::from_utf8(state.clone()).unwrap();
+    let at = text.find("\"regs\":[").unwrap() + 8;
+    let mut flipped = text.into_bytes();
+    flipped[at] = if flipped[at] == b'1' { b'2' } else { b'1' };
+    std::fs::write(&state_path, &flipped).unwrap();
+    assert!(restore("corrupt state").contains("checksum"));
+
+    std::fs::write(&state_path, &state[..state.len() / 2]).unwrap();
+    assert!(restore("truncated state").contains("corrupt or truncated"));
+
+    let other =
+        String::from_utf8(state.clone())
+            .unwrap()
+            .replacen("{\"version\":1,", "{\"version\":2,", 1);
+    std::fs::write(&state_path, other).unwrap();
+    assert!(restore("other version").contains("version 2"));
+
+    std::fs::write(&state_path, &state).unwrap();
+    let memory_path = snapshot.join("memory.ext-snapshot");
+    let memory = std::fs::read(&memory_path).unwrap();
+    std::fs::write(&memory_path, &memory[..memory.len() - 4096]).unwrap();
+    restore("truncated memory");
+    let mut corrupt = memory.clone();
+    corrupt[10] ^= 0xff;
+    std::fs::write(&memory_path, &corrupt).unwrap();
+    restore("corrupt memory header");
+
+    // The intact snapshot restores through the same slot, which then has a VM.
+    std::fs::write(&memory_path, &memory).unwrap();
+    let slot = VmmSlot::default();
+    let body = VmRestoreConfig {
+        source_url: url(&snapshot),
+        memory_restore_mode: Some("mapped".into()),
+        resume: None,
+    };
+    slot.vm_restore(&body).unwrap();
+    assert_eq!(slot.vm_info().unwrap().state, VmState::Paused);
+    assert_eq!(slot.vm_restore(&body).unwrap_err().status, 405);
+    let bad_mode = VmRestoreConfig {
+        memory_restore_mode: Some("lazy".into()),
+        ..body
+    };
+    assert_eq!(
+        VmmSlot::default().vm_restore(&bad_mode).unwrap_err().status,
+        400
+    );
+    let SlotEvent::Vm(vmm) = slot.wait() else {
+        panic!("the slot has no VM after a restore");
+    };
+    let main_loop = std::thread::spawn(move || vmm.run_until_exit());
+    slot.vm_shutdown().unwrap();
+    assert_eq!(main_loop.join().unwrap().unwrap(), ExitReason::Requested);
+}
+
+#[test]
+fn a_running_vm_cannot_be_snapshotted() {
+    if !kvm_available("a_running_vm_cannot_be_snapshotted") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let vmm = Arc::new(Vmm::new(config(dir.path())).unwrap());
+    vmm.boot().unwrap();
+    let main_loop = {
+        let vmm = vmm.clone();
+        std::thread::spawn(move || vmm.run_until_exit())
+    };
+    let request = VmSnapshotConfig {
+        destination_url: url(&dir.path().join("snap")),
+        parent: None,
+    };
+    let error = vmm.vm_snapshot(&request).unwrap_err();
+    assert_eq!(error.status, 405, "{error:?}");
+    assert!(error.messages[0].contains("Running"), "{error:?}");
+    assert!(!dir.path().join("snap").exists());
+    let bad_url = VmSnapshotConfig {
+        destination_url: "http://host/snap".into(),
+        parent: None,
+    };
+    vmm.vm_pause().unwrap();
+    assert_eq!(vmm.vm_snapshot(&bad_url).unwrap_err().status, 400);
+    vmm.vm_shutdown().unwrap();
+    main_loop.join().unwrap().unwrap();
+}
