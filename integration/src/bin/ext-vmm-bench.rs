@@ -101,6 +101,7 @@ fn host_benchmarks(args: &Args) -> bench::Result<()> {
         pause,
         resume_to_running,
         round_trip,
+        separate_cpus,
     } = pause;
     print_row("pause", &pause, "-", baseline);
     print_row("resume-to-running", &resume_to_running, "-", baseline);
@@ -118,6 +119,11 @@ fn host_benchmarks(args: &Args) -> bench::Result<()> {
         "resume-to-running"
     );
     println!("  {:<18} the two above, per round", "pause+resume");
+    if separate_cpus {
+        println!("Pause rows: vCPU thread and measuring thread pinned to different CPUs.");
+    } else {
+        println!("Pause rows: one CPU only, resume is polled every ~70 µs.");
+    }
     println!(
         "Exit rows: guest TSC between two rdtsc around each exit, so they include the bracket \
          (no-exit-floor); host µs/iter: wall time of a whole loop / iterations."
