@@ -7,8 +7,8 @@ use std::path::Path;
 use ext_snapshot::bench::{self, BenchOptions};
 use ext_snapshot::cloud_hypervisor::{self, ChError};
 use ext_snapshot::{
-    restore_to_raw_file, GfnBitmap, PageSet, PageType, RawLayout, SnapshotChain, SnapshotFile,
-    SnapshotReport, SnapshotWriter, WriteOptions, PAGE_SIZE,
+    restore_to_raw_file, FileLayout, GfnBitmap, PageSet, PageType, RawLayout, SnapshotChain,
+    SnapshotFile, SnapshotReport, SnapshotWriter, WriteOptions, PAGE_SIZE,
 };
 
 use super::raw::{map_raw_memory, read_bitmap};
@@ -51,13 +51,19 @@ pub(crate) fn run(command: Command, progress: &Progress) -> Result<String, CliEr
             from,
             out,
             invalid_pages,
+            guest_offset_layout,
             fsync,
         } => {
             progress.step("snapshotting");
             let memory = map_raw_memory(&from)?;
             let invalid = invalid_pages.as_deref().map(read_bitmap).transpose()?;
             let invalid_set = invalid.as_deref().map(GfnBitmap::new);
-            let mut writer = SnapshotWriter::new(write_options(fsync));
+            let layout = if guest_offset_layout {
+                FileLayout::GuestOffset
+            } else {
+                FileLayout::Packed
+            };
+            let mut writer = SnapshotWriter::new(write_options(fsync)).file_layout(layout);
             if let Some(set) = &invalid_set {
                 writer = writer.invalid_pages(set as &dyn PageSet);
             }
@@ -205,6 +211,10 @@ fn inspect(path: &Path, json: bool) -> Result<String, CliError> {
         .map(|r| r.runs.iter().filter(|run| run.extent.is_some()).count())
         .sum();
     let file_len = snapshot.file_len()?;
+    let layout = match snapshot.file_layout() {
+        FileLayout::Packed => "packed",
+        FileLayout::GuestOffset => "guest-offset",
+    };
     if json {
         let histogram: serde_json::Map<String, serde_json::Value> = PageType::ALL
             .iter()
@@ -231,6 +241,7 @@ fn inspect(path: &Path, json: bool) -> Result<String, CliError> {
                 "digest": p.digest,
             })),
             "digest": header.digest,
+            "layout": layout,
             "file_bytes": file_len,
             "data_bytes": snapshot.data_bytes(),
             "guest_bytes": guest_bytes,
@@ -245,7 +256,7 @@ fn inspect(path: &Path, json: bool) -> Result<String, CliError> {
     let _ = writeln!(text, "snapshot   {}", path.display());
     let _ = writeln!(
         text,
-        "format     version {}, page size {}",
+        "format     version {}, page size {}, {layout} layout",
         header.version, header.page_size
     );
     let _ = writeln!(

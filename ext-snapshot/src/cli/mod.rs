@@ -36,6 +36,10 @@ enum Command {
         /// bit i of word w is gfn 64*w+i.
         #[arg(long)]
         invalid_pages: Option<PathBuf>,
+        /// Put every data page at its guest offset in a sparse file (FORMAT.md "Layouts"):
+        /// a mapped restore then needs one mapping per region.
+        #[arg(long)]
+        guest_offset_layout: bool,
         /// fsync the snapshot before returning.
         #[arg(long)]
         fsync: bool,
