@@ -337,3 +337,58 @@ fn a_running_vm_cannot_be_snapshotted() {
     vmm.vm_shutdown().unwrap();
     main_loop.join().unwrap().unwrap();
 }
+
+#[test]
+fn a_diff_snapshot_restores_through_its_chain() {
+    if !kvm_available("a_diff_snapshot_restores_through_its_chain") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let serial = dir.path().join("serial.out");
+    let (full, diff) = (dir.path().join("full"), dir.path().join("diff"));
+    let vmm = Arc::new(Vmm::new(config(dir.path())).unwrap());
+    vmm.boot().unwrap();
+    let main_loop = {
+        let vmm = vmm.clone();
+        std::thread::spawn(move || vmm.run_until_exit())
+    };
+    let snapshot = |to: &Path, parent: Option<&Path>| {
+        vmm.vm_snapshot(&VmSnapshotConfig {
+            destination_url: url(to),
+            parent: parent.map(url),
+        })
+    };
+    assert!(
+        wait_for(|| serial_bytes(&vmm) > 1000),
+        "the guest did not run"
+    );
+    vmm.vm_pause().unwrap();
+    // No snapshot yet: there is no dirty log to diff with.
+    assert_eq!(snapshot(&diff, Some(&full)).unwrap_err().status, 400);
+    snapshot(&full, None).unwrap();
+    vmm.vm_resume().unwrap();
+    let at = serial_bytes(&vmm);
+    assert!(wait_for(|| serial_bytes(&vmm) > at + 1000));
+    vmm.vm_pause().unwrap();
+    let elsewhere = dir.path().join("elsewhere");
+    assert_eq!(snapshot(&diff, Some(&elsewhere)).unwrap_err().status, 400);
+    snapshot(&diff, Some(&full)).unwrap();
+    let counters = vmm.vm_counters().unwrap();
+    // Only pages written since the full snapshot (the guest's counter) hold data.
+    assert!(
+        counters["snapshot"]["same_as_parent_pages"] > 10_000,
+        "{counters:?}"
+    );
+    assert!(counters["snapshot"]["data_pages"] < 64, "{counters:?}");
+    let prefix = std::fs::read(&serial).unwrap();
+    vmm.vm_shutdown().unwrap();
+    main_loop.join().unwrap().unwrap();
+
+    let mapped = Vmm::restore(&RestoreConfig {
+        source_url: url(&diff),
+        memory_restore_mode: MemoryRestoreMode::Mapped,
+        resume: false,
+    });
+    assert!(mapped.is_err(), "a diff chain restores with copy only");
+    restore_and_finish(&diff, MemoryRestoreMode::Copy, &serial, &prefix);
+}

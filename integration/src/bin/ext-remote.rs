@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use ext_perm::api::{AssignViewRequest, CreateViewRequest, SetPermissionsRequest};
 use ext_perm::Permissions;
-use integration::api::{ApiClient, ApiResponse};
+use integration::api::{ApiClient, ApiResponse, VmRestoreConfig, VmSnapshotConfig};
 
 /// Exit status when the VMM answered with an error.
 const EXIT_REFUSED: u8 = 1;
@@ -49,6 +49,27 @@ enum Command {
     ShutdownVmm,
     /// Print the VM's device counters.
     Counters,
+    /// Write a snapshot of the paused VM (vm.snapshot).
+    Snapshot {
+        /// Snapshot directory, e.g. `file:///var/snap/vm1`.
+        #[arg(long)]
+        destination_url: String,
+        /// Write only pages dirtied since this earlier snapshot of the same VM (ext-vmm).
+        #[arg(long)]
+        parent: Option<String>,
+    },
+    /// Create the VM from a snapshot (vm.restore; the VMM must have no VM yet).
+    Restore {
+        /// Snapshot directory, e.g. `file:///var/snap/vm1`.
+        #[arg(long)]
+        source_url: String,
+        /// copy, mapped or ondemand.
+        #[arg(long)]
+        memory_restore_mode: Option<String>,
+        /// Resume the VM once restored.
+        #[arg(long)]
+        resume: bool,
+    },
     /// Create a page-permission view (ext-perm).
     PermCreateView {
         /// New view id (view 0 always exists).
@@ -108,6 +129,8 @@ impl Command {
             Command::Shutdown => ("PUT", "vm.shutdown"),
             Command::ShutdownVmm => ("PUT", "vmm.shutdown"),
             Command::Counters => ("GET", "vm.counters"),
+            Command::Snapshot { .. } => ("PUT", "vm.snapshot"),
+            Command::Restore { .. } => ("PUT", "vm.restore"),
             Command::PermCreateView { .. } => ("PUT", "ext/perm.create-view"),
             Command::PermSet { .. } => ("PUT", "ext/perm.set"),
             Command::PermAssign { .. } => ("PUT", "ext/perm.assign"),
@@ -142,6 +165,24 @@ impl Command {
             Command::PermAssign { vcpu, view } => serde_json::to_vec(&AssignViewRequest {
                 vcpu: *vcpu,
                 view: *view,
+            })
+            .map(Some),
+            Command::Snapshot {
+                destination_url,
+                parent,
+            } => serde_json::to_vec(&VmSnapshotConfig {
+                destination_url: destination_url.clone(),
+                parent: parent.clone(),
+            })
+            .map(Some),
+            Command::Restore {
+                source_url,
+                memory_restore_mode,
+                resume,
+            } => serde_json::to_vec(&VmRestoreConfig {
+                source_url: source_url.clone(),
+                memory_restore_mode: memory_restore_mode.clone(),
+                resume: Some(*resume),
             })
             .map(Some),
             _ => Ok(None),

@@ -2,20 +2,21 @@
 //! each parked vCPU thread on its own vCPU, VM and device state, memory through ext-snapshot)
 //! and builds a new VM from a validated snapshot directory in one of the three memory modes.
 
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use ext_snapshot::restore::lazy::{restore_lazy, LazyRestore};
 use ext_snapshot::restore::mapped::{restore_mapped, MappedOptions};
 use ext_snapshot::{
-    restore_chain_eager, restore_eager, EagerOptions, PageType, SnapshotChain, SnapshotFile,
-    SnapshotWriter, WriteOptions,
+    restore_chain_eager, restore_eager, EagerOptions, PageType, RegionBitmaps, SnapshotChain,
+    SnapshotFile, SnapshotWriter, WriteOptions,
 };
 use kvm_ioctls::Kvm;
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Address, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 
 use super::error::{Error, Result};
-use super::memory::create_guest_memory;
+use super::memory::{create_guest_memory, enable_dirty_logging, take_dirty_logs};
 use super::persist::{MachineState, VcpuState};
 use super::snapshot::{
     MemoryRef, MemoryRestoreMode, NamedTransport, RestoreConfig, SnapshotDir, VmSnapshotState,
@@ -63,6 +64,18 @@ impl SnapshotFigures {
 /// Page type names in `PageType as usize` order.
 const PAGE_TYPE_NAMES: [&str; 5] = ["unpopulated", "invalid", "zero", "data", "same_as_parent"];
 
+/// KVM dirty logging for diff snapshots. Logging starts with the first snapshot the VM takes
+/// (or when it is restored), not at boot: a VM that is never snapshotted pays nothing, and
+/// the first snapshot is a full one anyway.
+#[derive(Default)]
+pub(super) struct DirtyTracking {
+    /// ext-perm's memslot operation count when logging began (`None`: logging is off). ext-perm
+    /// re-creates memslots without the logging flag, so a diff is refused once it has.
+    perm_operations: Option<u64>,
+    /// The snapshot directory the dirty log counts from: the last one written or restored.
+    base: Option<PathBuf>,
+}
+
 /// Guest memory that came from a snapshot, and what must stay alive for it.
 pub(super) enum RestoredMemory {
     /// Plain memory (copy and mapped modes).
@@ -90,9 +103,14 @@ impl RestoredMemory {
 impl Vmm {
     /// Writes a snapshot of the paused VM to `destination_url` (see [`super::snapshot`]).
     /// `Err(InvalidState)` when the VM is not paused.
-    pub fn snapshot(&self, destination_url: &str) -> Result<SnapshotFigures> {
+    pub fn snapshot(
+        &self,
+        destination_url: &str,
+        parent_url: Option<&str>,
+    ) -> Result<SnapshotFigures> {
         let started = Instant::now();
         let dir = SnapshotDir::from_url(destination_url)?;
+        let parent = parent_url.map(SnapshotDir::from_url).transpose()?;
         let lifecycle = self.lock();
         if lifecycle.state != VmState::Paused {
             return Err(Error::InvalidState(lifecycle.state, "snapshot"));
@@ -107,19 +125,28 @@ impl Vmm {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .state();
-        let virtio = self
-            .virtio
-            .iter()
-            .map(|slot| NamedTransport {
+        let mut virtio = Vec::with_capacity(self.virtio.len());
+        let mut device_pages = Vec::new();
+        for slot in &self.virtio {
+            let mut transport = slot.transport.lock().unwrap_or_else(|p| p.into_inner());
+            device_pages.extend(transport.take_written_pages());
+            virtio.push(NamedTransport {
                 name: slot.name.clone(),
-                state: slot
-                    .transport
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .state(),
-            })
-            .collect();
-        let state = VmSnapshotState {
+                state: transport.state(),
+            });
+        }
+        let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(parent) = &parent {
+            self.check_diff_base(&dirty, parent)?;
+        }
+        // Reading the log clears it: from here on it counts from this snapshot, or from
+        // nothing if this one fails.
+        dirty.base = None;
+        let logs = match dirty.perm_operations {
+            Some(_) => Some(take_dirty_logs(vm_fd, memory)?),
+            None => None,
+        };
+        let mut state = VmSnapshotState {
             vcpus,
             machine,
             serial,
@@ -127,10 +154,30 @@ impl Vmm {
             memory: MemoryRef::default(),
         };
         dir.create()?;
-        let report = SnapshotWriter::new(WriteOptions::default())
-            .write_file(memory, &dir.memory_path())
-            .map_err(Error::SnapshotMemory)?;
+        let writer = SnapshotWriter::new(WriteOptions::default());
+        let report = match &parent {
+            None => writer.write_file(memory, &dir.memory_path()),
+            Some(parent) => {
+                let Some(mut logs) = logs else {
+                    return Err(Error::Snapshot("dirty logging is off".into()));
+                };
+                mark_pages(memory, &mut logs, &device_pages);
+                let parent_memory =
+                    SnapshotFile::open(&parent.memory_path()).map_err(Error::SnapshotMemory)?;
+                let bitmaps = RegionBitmaps::new(logs.iter().map(Vec::as_slice).collect());
+                state.memory.parent = Some(parent.path().to_path_buf());
+                writer
+                    .diff_against(&parent_memory, &bitmaps)
+                    .write_file(memory, &dir.memory_path())
+            }
+        }
+        .map_err(Error::SnapshotMemory)?;
         dir.write_state(&self.config, &state)?;
+        if dirty.perm_operations.is_none() {
+            enable_dirty_logging(vm_fd, memory)?;
+            dirty.perm_operations = Some(self.perm_memslot_operations());
+        }
+        dirty.base = Some(dir.path().to_path_buf());
         let figures = SnapshotFigures {
             pages: report.pages_by_type,
             bytes: report.output_bytes,
@@ -145,6 +192,46 @@ impl Vmm {
         );
         *self.figures.lock().unwrap_or_else(|p| p.into_inner()) = (Some(figures.clone()), None);
         Ok(figures)
+    }
+
+    /// A diff is only sound against the snapshot the dirty log counts from, and only while
+    /// every memslot still has logging on.
+    fn check_diff_base(&self, dirty: &DirtyTracking, parent: &SnapshotDir) -> Result<()> {
+        let base = dirty.base.as_deref();
+        if base != Some(parent.path()) {
+            return Err(Error::Snapshot(format!(
+                "parent {} is not the last snapshot this VM took or was restored from ({})",
+                parent.path().display(),
+                base.map_or("none".into(), |b| b.display().to_string())
+            )));
+        }
+        if dirty.perm_operations != Some(self.perm_memslot_operations()) {
+            return Err(Error::Snapshot(
+                "ext-perm changed memslots since the parent (their dirty log is gone); take a \
+                 full snapshot"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn perm_memslot_operations(&self) -> u64 {
+        self.perm
+            .as_ref()
+            .map_or(0, |perm| perm.capabilities().memslot_operations)
+    }
+
+    /// Starts dirty logging on a restored VM, counting from the snapshot it came from.
+    fn track_dirty_pages_from(&self, dir: &Path) -> Result<()> {
+        let lifecycle = self.lock();
+        let Some((vm_fd, memory)) = lifecycle.booted.as_ref() else {
+            return Err(Error::InvalidState(lifecycle.state, "track dirty pages"));
+        };
+        enable_dirty_logging(vm_fd, memory)?;
+        let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        dirty.perm_operations = Some(self.perm_memslot_operations());
+        dirty.base = Some(dir.to_path_buf());
+        Ok(())
     }
 
     /// Each parked vCPU thread reads its own vCPU's state.
@@ -183,6 +270,7 @@ impl Vmm {
         let vm = Vm::restore(&config, memory, &loaded.state)?;
         let vmm = Vmm::from_vm(config, vm, restored);
         vmm.boot_paused()?;
+        vmm.track_dirty_pages_from(loaded.dir.path())?;
         figures.seconds = started.elapsed().as_secs_f64();
         tracing::info!(
             "restored from {} ({:?}) in {:.3} s",
@@ -206,6 +294,23 @@ impl Vmm {
         lifecycle.state = VmState::Paused;
         self.state_changed.notify_all();
         Ok(())
+    }
+}
+
+/// Adds guest frames `pages` to the per-region bitmaps `logs` (region order of `memory`).
+fn mark_pages(memory: &GuestMemoryMmap, logs: &mut [Vec<u64>], pages: &[u64]) {
+    for &gfn in pages {
+        let address = GuestAddress(gfn * ext_snapshot::PAGE_SIZE);
+        for (index, region) in memory.iter().enumerate() {
+            if let Some(offset) = address.checked_offset_from(region.start_addr()) {
+                if offset < region.len() {
+                    let page = (offset / ext_snapshot::PAGE_SIZE) as usize;
+                    if let Some(word) = logs.get_mut(index).and_then(|l| l.get_mut(page / 64)) {
+                        *word |= 1 << (page % 64);
+                    }
+                }
+            }
+        }
     }
 }
 

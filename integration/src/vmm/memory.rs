@@ -6,7 +6,7 @@ use std::ffi::CStr;
 use std::fs::File;
 use std::os::fd::FromRawFd;
 
-use kvm_bindings::kvm_userspace_memory_region;
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
 use vm_memory::{
     Address, FileOffset, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion,
@@ -71,13 +71,37 @@ pub fn create_guest_memory(size: u64, shared: bool) -> Result<GuestMemoryMmap> {
 /// The caller keeps `memory` mapped for as long as `vm` exists (the `Vmm` and the tests hold
 /// both together); KVM would otherwise read and write whatever is mapped there later.
 pub fn register_memory(vm: &VmFd, memory: &GuestMemoryMmap) -> Result<()> {
+    set_memslots(vm, memory, 0)
+}
+
+/// Turns KVM's dirty-page logging on for every RAM memslot `register_memory` created (same
+/// slots, addresses and mappings; only the flags change, which KVM allows on a live slot).
+/// From then on [`take_dirty_logs`] reports the pages vCPUs wrote.
+pub fn enable_dirty_logging(vm: &VmFd, memory: &GuestMemoryMmap) -> Result<()> {
+    set_memslots(vm, memory, KVM_MEM_LOG_DIRTY_PAGES)
+}
+
+/// Reads and clears KVM's dirty log of every RAM memslot: one bitmap per region, bit `i` set
+/// when a vCPU wrote page `i` of the region since the previous call (or since logging began).
+pub fn take_dirty_logs(vm: &VmFd, memory: &GuestMemoryMmap) -> Result<Vec<Vec<u64>>> {
+    memory
+        .iter()
+        .enumerate()
+        .map(|(slot, region)| {
+            vm.get_dirty_log(slot as u32, region.len() as usize)
+                .map_err(|e| Error::Kvm("KVM_GET_DIRTY_LOG", e))
+        })
+        .collect()
+}
+
+fn set_memslots(vm: &VmFd, memory: &GuestMemoryMmap, flags: u32) -> Result<()> {
     for (slot, region) in memory.iter().enumerate() {
         let host = memory
             .get_host_address(region.start_addr())
             .map_err(|e| Error::Memory(e.to_string()))?;
         let slot_region = kvm_userspace_memory_region {
             slot: slot as u32,
-            flags: 0,
+            flags,
             guest_phys_addr: region.start_addr().raw_value(),
             memory_size: region.len(),
             userspace_addr: host as u64,

@@ -29,7 +29,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 
 use crate::api::{ApiError, VmCounters, VmInfo, VmState, VmmBackend, VmmPingResponse};
-use checkpoint::{RestoredMemory, SnapshotFigures};
+use checkpoint::{DirtyTracking, RestoredMemory, SnapshotFigures};
 use config::{SerialOutput, VmConfig};
 use devices::serial::{SerialCounters, SerialInput};
 use error::{Error, Result};
@@ -64,6 +64,8 @@ pub struct Vmm {
     perm: Option<Arc<perm::PermHook>>,
     /// Figures of the last snapshot and of the restore this VM came from.
     figures: Mutex<(Option<SnapshotFigures>, Option<SnapshotFigures>)>,
+    /// KVM dirty logging and the snapshot it counts from, for diff snapshots.
+    dirty: Mutex<DirtyTracking>,
     /// Keeps the userfaultfd handler of an on-demand restore alive as long as the VM.
     restored_memory: RestoredMemory,
 }
@@ -97,6 +99,7 @@ impl Vmm {
         let virtio = std::mem::take(&mut vm.virtio);
         Vmm {
             figures: Mutex::default(),
+            dirty: Mutex::default(),
             restored_memory,
             perm: vm.perm.clone(),
             exit: vm.exit.clone(),
@@ -362,13 +365,7 @@ impl VmmBackend for Vmm {
         &self,
         config: &crate::api::VmSnapshotConfig,
     ) -> std::result::Result<(), ApiError> {
-        if config.parent.is_some() {
-            return Err(ApiError::new(
-                501,
-                "diff snapshots (parent) are not implemented in this build",
-            ));
-        }
-        self.snapshot(&config.destination_url)
+        self.snapshot(&config.destination_url, config.parent.as_deref())
             .map(|_| ())
             .map_err(api_error)
     }

@@ -5,6 +5,8 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
+use std::collections::BTreeSet;
+
 use virtio_queue::{DescriptorChain, Queue, QueueState, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -29,6 +31,7 @@ const STATUS_UNSUPPORTED: u8 = 2;
 /// Largest single data descriptor accepted (guards the bounce buffer).
 const MAX_SEGMENT: u32 = 4 << 20;
 const DEVICE_ID: &[u8] = b"ext-vmm-blk";
+const PAGE_SIZE: u64 = 4096;
 
 struct Active {
     memory: GuestMemoryMmap,
@@ -55,6 +58,9 @@ pub struct Block {
     capacity_sectors: u64,
     active: Option<Active>,
     stats: Stats,
+    /// Guest frames of device-writable buffers handed to us since the last snapshot: KVM's
+    /// dirty log does not see the VMM's own writes into guest memory.
+    written_pages: BTreeSet<u64>,
 }
 
 impl Block {
@@ -78,6 +84,7 @@ impl Block {
             capacity_sectors: len / SECTOR_SIZE,
             active: None,
             stats: Stats::default(),
+            written_pages: BTreeSet::new(),
         })
     }
 
@@ -190,6 +197,11 @@ impl Block {
         let mut used_any = false;
         while let Some(chain) = active.queue.pop_descriptor_chain(&active.memory) {
             let head = chain.head_index();
+            for desc in chain.clone().filter(|d| d.is_write_only()) {
+                let first = desc.addr().0 / PAGE_SIZE;
+                let last = (desc.addr().0 + u64::from(desc.len().max(1)) - 1) / PAGE_SIZE;
+                self.written_pages.extend(first..=last);
+            }
             let used_len = match self.execute(&active.memory, chain) {
                 Ok((status_addr, status, written)) => {
                     if status != STATUS_OK {
@@ -276,6 +288,12 @@ impl VirtioDevice for Block {
             .as_ref()
             .map(|a| vec![a.queue.state()])
             .unwrap_or_default()
+    }
+
+    fn take_written_pages(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.written_pages)
+            .into_iter()
+            .collect()
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {

@@ -162,6 +162,21 @@ impl MmioTransport {
         }
     }
 
+    /// Guest frames the device side wrote since the last call: the device's buffers plus
+    /// every used ring (whose index and entries the device updates).
+    pub fn take_written_pages(&mut self) -> Vec<u64> {
+        const PAGE: u64 = 4096;
+        let mut pages = self.device.take_written_pages();
+        for queue in self.state().queues.iter().filter(|q| q.ready) {
+            // struct virtq_used: flags, idx, `size` elements of 8 bytes, avail_event.
+            let len = 6 + 8 * u64::from(queue.size);
+            let first = queue.used_ring / PAGE;
+            let last = (queue.used_ring + len - 1) / PAGE;
+            pages.extend(first..=last);
+        }
+        pages
+    }
+
     fn fresh_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
         device
             .queue_max_sizes()

@@ -115,6 +115,9 @@ pub trait VirtioDevice: Send {
     /// The state of every queue the device received at activation, in device queue order
     /// (empty while not activated), for a snapshot.
     fn queue_states(&self) -> Vec<QueueState>;
+    /// Guest frame numbers of buffers (not rings) the device may have written since the
+    /// last call, for diff snapshots: KVM's dirty log sees only what vCPUs write.
+    fn take_written_pages(&mut self) -> Vec<u64>;
     /// Name/value counters for `vm.counters`.
     fn counters(&self) -> Vec<(&'static str, u64)>;
 }
