@@ -144,7 +144,7 @@ fn run_pause_snapshot(vmm: Arc<Vmm>, at_least: u64, serial: &Path, snapshot: &Pa
     vmm.vm_pause().unwrap();
     let running = VmSnapshotConfig {
         destination_url: url(snapshot),
-        parent: None,
+        ..Default::default()
     };
     vmm.vm_snapshot(&running).unwrap();
     let prefix = std::fs::read(serial).unwrap();
@@ -322,7 +322,7 @@ fn a_running_vm_cannot_be_snapshotted() {
     };
     let request = VmSnapshotConfig {
         destination_url: url(&dir.path().join("snap")),
-        parent: None,
+        ..Default::default()
     };
     let error = vmm.vm_snapshot(&request).unwrap_err();
     assert_eq!(error.status, 405, "{error:?}");
@@ -330,7 +330,7 @@ fn a_running_vm_cannot_be_snapshotted() {
     assert!(!dir.path().join("snap").exists());
     let bad_url = VmSnapshotConfig {
         destination_url: "http://host/snap".into(),
-        parent: None,
+        ..Default::default()
     };
     vmm.vm_pause().unwrap();
     assert_eq!(vmm.vm_snapshot(&bad_url).unwrap_err().status, 400);
@@ -356,6 +356,7 @@ fn a_diff_snapshot_restores_through_its_chain() {
         vmm.vm_snapshot(&VmSnapshotConfig {
             destination_url: url(to),
             parent: parent.map(url),
+            ..Default::default()
         })
     };
     assert!(

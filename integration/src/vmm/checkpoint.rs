@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use ext_snapshot::bench::baseline::{dense_dump, holes_only_copy};
 use ext_snapshot::restore::lazy::{restore_lazy, LazyRestore};
 use ext_snapshot::restore::mapped::{restore_mapped, MappedOptions};
 use ext_snapshot::{
@@ -24,7 +25,7 @@ use super::snapshot::{
 use super::vcpu::{self, Vcpu};
 use super::vm::Vm;
 use super::Vmm;
-use crate::api::VmState;
+use crate::api::{VmSnapshotConfig, VmState};
 
 /// What the last snapshot or restore of this VMM did, for `vm.info` and `vm.counters`.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -33,8 +34,15 @@ pub struct SnapshotFigures {
     pub pages: [u64; 5],
     /// Bytes of the memory file (snapshot) or of data copied/mapped (restore).
     pub bytes: u64,
-    /// Wall-clock seconds of the whole operation.
+    /// Bytes the filesystem allocated for the memory file (snapshot only).
+    pub allocated_bytes: u64,
+    /// Seconds ext-snapshot spent on the memory file (typing and writing, or restoring).
+    pub memory_seconds: f64,
+    /// Wall-clock seconds of the whole operation (vCPU and device state included).
     pub seconds: f64,
+    /// Cloud Hypervisor's way of writing the same memory, when asked for: seconds and
+    /// allocated bytes.
+    pub baseline: Option<(f64, u64)>,
 }
 
 impl SnapshotFigures {
@@ -46,7 +54,13 @@ impl SnapshotFigures {
             .map(|(name, pages)| (format!("{name}_pages"), pages))
             .collect();
         out.push(("bytes".into(), self.bytes));
+        out.push(("allocated_bytes".into(), self.allocated_bytes));
+        out.push(("memory_micros".into(), (self.memory_seconds * 1e6) as u64));
         out.push(("micros".into(), (self.seconds * 1e6) as u64));
+        if let Some((seconds, allocated)) = self.baseline {
+            out.push(("baseline_micros".into(), (seconds * 1e6) as u64));
+            out.push(("baseline_allocated_bytes".into(), allocated));
+        }
         out
     }
 
@@ -57,7 +71,16 @@ impl SnapshotFigures {
             .zip(self.pages)
             .map(|(name, pages)| (name.to_string(), pages.into()))
             .collect();
-        serde_json::json!({ "pages": pages, "bytes": self.bytes, "seconds": self.seconds })
+        serde_json::json!({
+            "pages": pages,
+            "bytes": self.bytes,
+            "allocated_bytes": self.allocated_bytes,
+            "memory_seconds": self.memory_seconds,
+            "seconds": self.seconds,
+            "baseline": self.baseline.map(|(seconds, allocated)| serde_json::json!({
+                "seconds": seconds, "allocated_bytes": allocated,
+            })),
+        })
     }
 }
 
@@ -101,16 +124,17 @@ impl RestoredMemory {
 }
 
 impl Vmm {
-    /// Writes a snapshot of the paused VM to `destination_url` (see [`super::snapshot`]).
+    /// Writes a snapshot of the paused VM to `request.destination_url` (see
+    /// [`super::snapshot`]), a diff when `request.parent` names the last snapshot.
     /// `Err(InvalidState)` when the VM is not paused.
-    pub fn snapshot(
-        &self,
-        destination_url: &str,
-        parent_url: Option<&str>,
-    ) -> Result<SnapshotFigures> {
+    pub fn snapshot(&self, request: &VmSnapshotConfig) -> Result<SnapshotFigures> {
         let started = Instant::now();
-        let dir = SnapshotDir::from_url(destination_url)?;
-        let parent = parent_url.map(SnapshotDir::from_url).transpose()?;
+        let dir = SnapshotDir::from_url(&request.destination_url)?;
+        let parent = request
+            .parent
+            .as_deref()
+            .map(SnapshotDir::from_url)
+            .transpose()?;
         let lifecycle = self.lock();
         if lifecycle.state != VmState::Paused {
             return Err(Error::InvalidState(lifecycle.state, "snapshot"));
@@ -154,6 +178,7 @@ impl Vmm {
             memory: MemoryRef::default(),
         };
         dir.create()?;
+        let memory_started = Instant::now();
         let writer = SnapshotWriter::new(WriteOptions::default());
         let report = match &parent {
             None => writer.write_file(memory, &dir.memory_path()),
@@ -172,16 +197,33 @@ impl Vmm {
             }
         }
         .map_err(Error::SnapshotMemory)?;
+        let memory_seconds = memory_started.elapsed().as_secs_f64();
         dir.write_state(&self.config, &state)?;
         if dirty.perm_operations.is_none() {
             enable_dirty_logging(vm_fd, memory)?;
             dirty.perm_operations = Some(self.perm_memslot_operations());
         }
         dirty.base = Some(dir.path().to_path_buf());
+        let seconds = started.elapsed().as_secs_f64();
+        let baseline = if request.cloud_hypervisor_baseline {
+            let path = dir.path().join("baseline-memory");
+            let written = if self.config.memory_shared {
+                holes_only_copy(memory, &path, false)
+            } else {
+                dense_dump(memory, &path, false)
+            }
+            .map_err(Error::SnapshotMemory)?;
+            Some((written.seconds, written.allocated))
+        } else {
+            None
+        };
         let figures = SnapshotFigures {
             pages: report.pages_by_type,
             bytes: report.output_bytes,
-            seconds: started.elapsed().as_secs_f64(),
+            allocated_bytes: allocated_bytes(&dir.memory_path()),
+            memory_seconds,
+            seconds,
+            baseline,
         };
         tracing::info!(
             "snapshot written to {}: {} data pages, {} bytes, {:.3} s",
@@ -297,6 +339,12 @@ impl Vmm {
     }
 }
 
+/// Bytes the filesystem allocated for `path` (0 if it cannot be read).
+fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).map_or(0, |m| m.blocks() * 512)
+}
+
 /// Adds guest frames `pages` to the per-region bitmaps `logs` (region order of `memory`).
 fn mark_pages(memory: &GuestMemoryMmap, logs: &mut [Vec<u64>], pages: &[u64]) {
     for &gfn in pages {
@@ -325,6 +373,7 @@ fn restore_memory(
         threads: 2,
     };
     let mut figures = SnapshotFigures::default();
+    let started = Instant::now();
     let [path] = chain else {
         if mode != MemoryRestoreMode::Copy {
             return Err(Error::Snapshot(format!(
@@ -337,6 +386,7 @@ fn restore_memory(
         let report = restore_chain_eager(&chain, &memory, eager).map_err(Error::SnapshotMemory)?;
         figures.pages[PageType::Data as usize] = report.data_pages;
         figures.bytes = report.data_pages * ext_snapshot::PAGE_SIZE;
+        figures.memory_seconds = started.elapsed().as_secs_f64();
         return Ok((memory, RestoredMemory::Ready, figures));
     };
     let file = SnapshotFile::open(path).map_err(Error::SnapshotMemory)?;
@@ -351,16 +401,19 @@ fn restore_memory(
             let file = SnapshotFile::open(path).map_err(Error::SnapshotMemory)?;
             let memory = create_guest_memory(config.memory_size, config.memory_shared)?;
             restore_eager(&file, &memory, eager).map_err(Error::SnapshotMemory)?;
+            figures.memory_seconds = started.elapsed().as_secs_f64();
             Ok((memory, RestoredMemory::Ready, figures))
         }
         MemoryRestoreMode::Mapped => {
             let (memory, _report) = restore_mapped(path, MappedOptions { verify_data: true })
                 .map_err(Error::SnapshotMemory)?;
+            figures.memory_seconds = started.elapsed().as_secs_f64();
             Ok((memory, RestoredMemory::Ready, figures))
         }
         MemoryRestoreMode::OnDemand => {
             let lazy = restore_lazy(path).map_err(Error::SnapshotMemory)?;
             let memory = lazy.memory().clone();
+            figures.memory_seconds = started.elapsed().as_secs_f64();
             Ok((memory, RestoredMemory::OnDemand(lazy), figures))
         }
     }

@@ -365,9 +365,7 @@ impl VmmBackend for Vmm {
         &self,
         config: &crate::api::VmSnapshotConfig,
     ) -> std::result::Result<(), ApiError> {
-        self.snapshot(&config.destination_url, config.parent.as_deref())
-            .map(|_| ())
-            .map_err(api_error)
+        self.snapshot(config).map(|_| ()).map_err(api_error)
     }
 
     fn vm_restore(
