@@ -101,16 +101,66 @@ pub(super) struct DirtyTracking {
 
 /// Guest memory that came from a snapshot, and what must stay alive for it.
 pub(super) enum RestoredMemory {
-    /// Plain memory (copy and mapped modes).
+    /// Ordinary memory: booted, or restored by copy.
     Ready,
-    /// Memory served by ext-snapshot's userfaultfd handler until the VMM exits.
-    OnDemand(LazyRestore),
+    /// Mapped from, or served on demand from, the memory file `source`. Pages the guest has
+    /// not touched yet are not resident, so they look never-populated to ext-snapshot's
+    /// residency check: before the first snapshot of such a VM they are faulted in
+    /// (`populated` records that it was done).
+    FromFile {
+        /// The memory file the pages come from.
+        source: PathBuf,
+        /// The userfaultfd handler of an on-demand restore, alive as long as the VMM.
+        lazy: Option<LazyRestore>,
+        /// The file's data pages were faulted in already.
+        populated: std::sync::atomic::AtomicBool,
+    },
 }
 
 impl RestoredMemory {
+    /// Makes every data page of the source file resident in `memory` (once), so a snapshot
+    /// of it does not mistake untouched pages for never-populated ones.
+    fn make_resident(&self, memory: &GuestMemoryMmap) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        let RestoredMemory::FromFile {
+            source, populated, ..
+        } = self
+        else {
+            return Ok(());
+        };
+        if populated.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let file = SnapshotFile::open(source).map_err(Error::SnapshotMemory)?;
+        for (region, guest) in file.regions().iter().zip(memory.iter()) {
+            for run in region.runs.iter().filter(|r| r.page_type == PageType::Data) {
+                let offset = run.first_page * ext_snapshot::PAGE_SIZE;
+                let len = run.pages * ext_snapshot::PAGE_SIZE;
+                let host = guest
+                    .get_host_address(vm_memory::MemoryRegionAddress(offset))
+                    .map_err(|e| Error::Memory(e.to_string()))?;
+                // SAFETY: `host..host + len` lies inside the guest region's live mapping
+                // (runs are bounded by the region size, checked when the file was opened);
+                // MADV_POPULATE_READ only faults pages in, as a guest read would.
+                let rc =
+                    unsafe { libc::madvise(host.cast(), len as usize, libc::MADV_POPULATE_READ) };
+                if rc != 0 {
+                    return Err(Error::last_os(
+                        "madvise(MADV_POPULATE_READ) restored memory",
+                    ));
+                }
+            }
+        }
+        populated.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
     /// The userfaultfd handler's live counters (on-demand restores only).
     pub(super) fn counters(&self) -> Option<Vec<(String, u64)>> {
-        let RestoredMemory::OnDemand(lazy) = self else {
+        let RestoredMemory::FromFile {
+            lazy: Some(lazy), ..
+        } = self
+        else {
             return None;
         };
         let stats = lazy.stats();
@@ -142,6 +192,10 @@ impl Vmm {
         let Some((vm_fd, memory)) = lifecycle.booted.as_ref() else {
             return Err(Error::InvalidState(lifecycle.state, "snapshot"));
         };
+        if parent.is_none() {
+            // A diff needs no residency: its pages are the dirty ones, which are resident.
+            self.restored_memory.make_resident(memory)?;
+        }
         let vcpus = self.save_vcpus()?;
         let machine = MachineState::save(vm_fd)?;
         let serial = self
@@ -408,13 +462,23 @@ fn restore_memory(
             let (memory, _report) = restore_mapped(path, MappedOptions { verify_data: true })
                 .map_err(Error::SnapshotMemory)?;
             figures.memory_seconds = started.elapsed().as_secs_f64();
-            Ok((memory, RestoredMemory::Ready, figures))
+            let restored = RestoredMemory::FromFile {
+                source: path.clone(),
+                lazy: None,
+                populated: Default::default(),
+            };
+            Ok((memory, restored, figures))
         }
         MemoryRestoreMode::OnDemand => {
             let lazy = restore_lazy(path).map_err(Error::SnapshotMemory)?;
             let memory = lazy.memory().clone();
             figures.memory_seconds = started.elapsed().as_secs_f64();
-            Ok((memory, RestoredMemory::OnDemand(lazy), figures))
+            let restored = RestoredMemory::FromFile {
+                source: path.clone(),
+                lazy: Some(lazy),
+                populated: Default::default(),
+            };
+            Ok((memory, restored, figures))
         }
     }
 }
