@@ -227,6 +227,8 @@ fn mean(values: &[f64]) -> Option<f64> {
 }
 
 fn summarise_lab_log(log: &Path) -> Result<(), String> {
+    // The runner's `*-latest.log` is a symlink: name the run's own log, which stays.
+    let log = &std::fs::canonicalize(log).unwrap_or_else(|_| log.to_path_buf());
     let text = std::fs::read_to_string(log).map_err(|e| format!("{}: {e}", log.display()))?;
     let run = parse_lab_log(&text);
     let (Some(qemu), Some(ext_vmm)) = (mean(&run.qemu_boots), mean(&run.ext_vmm_boots)) else {
