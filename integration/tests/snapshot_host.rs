@@ -406,3 +406,116 @@ fn a_diff_snapshot_restores_through_its_chain() {
     assert!(mapped.is_err(), "a diff chain restores with copy only");
     restore_and_finish(&diff, MemoryRestoreMode::Copy, &serial, &prefix);
 }
+
+#[test]
+fn vcpu_and_vm_state_round_trip_into_a_new_vm() {
+    use integration::vmm::persist::{MachineState, VcpuState};
+    use integration::vmm::vm::{configure_vcpu, create_kvm_vm};
+    if !kvm_available("vcpu_and_vm_state_round_trip_into_a_new_vm") {
+        return;
+    }
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    let (_, vm) = create_kvm_vm().unwrap();
+    let vcpu = vm.create_vcpu(0).unwrap();
+    configure_vcpu(&kvm, &vcpu, 0, 1).unwrap();
+    let mut regs = vcpu.get_regs().unwrap();
+    (regs.rax, regs.rbx, regs.r15, regs.rip) = (0x1111, 0x2222, 0xfeed_f00d, 0x10_0000);
+    vcpu.set_regs(&regs).unwrap();
+    let saved = VcpuState::save(&kvm, &vcpu, 0).unwrap();
+    let machine = MachineState::save(&vm).unwrap();
+    assert!(!saved.msrs.is_empty(), "no MSR could be read back");
+    // Through JSON, as state.json carries it.
+    let saved: VcpuState = serde_json::from_slice(&serde_json::to_vec(&saved).unwrap()).unwrap();
+    let machine: MachineState =
+        serde_json::from_slice(&serde_json::to_vec(&machine).unwrap()).unwrap();
+
+    let (_, vm2) = create_kvm_vm().unwrap();
+    let vcpu2 = vm2.create_vcpu(0).unwrap();
+    saved.restore(&vcpu2).unwrap();
+    machine.restore(&vm2).unwrap();
+    let again = VcpuState::save(&kvm, &vcpu2, 0).unwrap();
+    let json = |value: &dyn erased::Json| value.to_json();
+    assert_eq!(json(&again.regs), json(&saved.regs));
+    assert_eq!(json(&again.sregs), json(&saved.sregs));
+    assert_eq!(json(&again.xcrs), json(&saved.xcrs));
+    assert_eq!(json(&again.debug_regs), json(&saved.debug_regs));
+    assert_eq!(json(&again.mp_state), json(&saved.mp_state));
+    assert_eq!(json(&again.xsave), json(&saved.xsave));
+    assert_eq!(json(&again.lapic), json(&saved.lapic));
+    assert_eq!(again.cpuid.len(), saved.cpuid.len());
+    // Every MSR comes back, with its value, except the ones that count time.
+    const TIME_MSRS: [u32; 3] = [0x10, 0x6e0, 0x3b];
+    let values = |state: &VcpuState| {
+        state
+            .msrs
+            .iter()
+            .filter(|m| !TIME_MSRS.contains(&m.index))
+            .map(|m| (m.index, m.data))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(values(&again), values(&saved));
+    let again_machine = MachineState::save(&vm2).unwrap();
+    assert_eq!(
+        serde_json::to_value(&again_machine.irqchips).unwrap(),
+        serde_json::to_value(&machine.irqchips).unwrap()
+    );
+}
+
+/// Serializes KVM structures for comparison (they implement neither `PartialEq` nor `Clone`).
+mod erased {
+    pub trait Json {
+        fn to_json(&self) -> serde_json::Value;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn to_json(&self) -> serde_json::Value {
+            serde_json::to_value(self).unwrap()
+        }
+    }
+}
+
+#[test]
+fn an_empty_vmm_answers_over_http_until_a_restore() {
+    use integration::api::{start_api_server, ApiClient};
+    // No KVM needed: every request is answered before a VM would be created.
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("api.sock");
+    let slot = Arc::new(VmmSlot::default());
+    let server = start_api_server(&socket, slot.clone()).unwrap();
+    let mut client = ApiClient::connect(&socket).unwrap();
+    let mut request = |method: &str, endpoint: &str, body: Option<&str>| {
+        client
+            .request(method, endpoint, body.map(str::as_bytes))
+            .unwrap()
+    };
+    assert_eq!(request("GET", "vm.info", None).status, 404);
+    assert_eq!(request("PUT", "vm.pause", None).status, 404);
+    let snapshot = request(
+        "PUT",
+        "vm.snapshot",
+        Some(r#"{"destination_url":"file:///x"}"#),
+    );
+    assert_eq!(snapshot.status, 404);
+    let missing = format!(
+        r#"{{"source_url":"file://{}/none","memory_restore_mode":"ondemand"}}"#,
+        dir.path().display()
+    );
+    let response = request("PUT", "vm.restore", Some(&missing));
+    assert_eq!(response.status, 400, "{}", response.body_text());
+    assert!(
+        response.body_text().contains("config.json"),
+        "{}",
+        response.body_text()
+    );
+    let bad_url = request(
+        "PUT",
+        "vm.restore",
+        Some(r#"{"source_url":"s3://bucket/x"}"#),
+    );
+    assert_eq!(bad_url.status, 400);
+    let no_url = request("PUT", "vm.restore", Some(r#"{"resume":true}"#));
+    assert_eq!(no_url.status, 400);
+    assert_eq!(request("GET", "vmm.ping", None).status, 200);
+    assert_eq!(request("PUT", "vmm.shutdown", None).status, 204);
+    assert!(matches!(slot.wait(), SlotEvent::Exit));
+    server.shutdown();
+}
