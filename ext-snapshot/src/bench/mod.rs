@@ -3,9 +3,12 @@
 //! For each scenario of issue 3 item 8 the same memfd-backed memory is written by our writer,
 //! by a holes-only sparse copy (Cloud Hypervisor `shared=on`) and by a dense dump (Cloud
 //! Hypervisor `shared=off`, Firecracker), and the time to write just the data bytes is
-//! measured as the floor. Then the snapshot is restored eagerly, mapped and lazily. The
-//! result is a [`BenchResult`] that [`BenchResult::render`] prints as a table with the targets.
-//! All files go to a caller-chosen directory and are deleted as soon as they are measured.
+//! measured as the floor; our writer also runs in the guest-offset layout. Each writer runs
+//! [`WRITER_RUNS`] times in a rotating order, each output to a fresh name and written back and
+//! dropped from the page cache between runs (untimed), so no run pays for another's dirty
+//! pages; medians are reported. Then both snapshots are restored eagerly, mapped and lazily.
+//! The result is a [`BenchResult`] that [`BenchResult::render`] prints as a table with the
+//! targets. All files go to a caller-chosen directory and are deleted when the run ends.
 
 pub mod baseline;
 pub mod workload;
@@ -314,7 +317,7 @@ fn remove_if_present(path: &Path) -> Result<()> {
 }
 
 /// Repetitions of each writer measurement; the median is reported.
-const WRITER_RUNS: usize = 3;
+pub const WRITER_RUNS: usize = 3;
 
 fn median_report(mut runs: Vec<BaselineReport>) -> BaselineReport {
     runs.sort_by(|a, b| a.seconds.total_cmp(&b.seconds));

@@ -267,8 +267,7 @@ fn parse_index(
         }
         let extent = if page_type.has_data() {
             // Packed: right after the previous extent. Guest offset: at the page's own place
-            // (the region base plus its offset cannot overflow: the caller checks that the
-            // whole region fits the data area's u64 range before trusting it).
+            // (saturating: a region whose end overflows is rejected by the caller right after).
             let expected = match region_base {
                 Some(base) => base.saturating_add(page * PAGE_SIZE),
                 None => *data_cursor,

@@ -2,7 +2,7 @@
 //!
 //! A snapshot is a header (identity, parent reference) plus, for every guest memory region, a
 //! list of runs: consecutive pages of one [`PageType`], with data for `Data` runs. The
-//! [`file`] encoding stores runs in an index and data in page-aligned extents; the [`stream`]
+//! [`file`](mod@file) encoding stores runs in an index and data in page-aligned extents; the [`stream`]
 //! encoding sends the same runs as sequential records.
 
 pub mod checksum;

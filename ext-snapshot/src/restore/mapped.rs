@@ -114,8 +114,13 @@ pub fn restore_mapped(
     }
     let file = snapshot.file();
     let guest_offset = snapshot.file_layout() == FileLayout::GuestOffset;
-    let (bases, _) = guest_offset_bases(snapshot.regions().iter().map(|r| r.size))
-        .ok_or_else(|| Error::Inconsistent("data area overflows".into()))?;
+    let bases = if guest_offset {
+        guest_offset_bases(snapshot.regions().iter().map(|r| r.size))
+            .ok_or_else(|| Error::Inconsistent("data area overflows".into()))?
+            .0
+    } else {
+        Vec::new()
+    };
     let mut report = MappedReport::default();
     let mut guest_regions = Vec::with_capacity(snapshot.regions().len());
     let mut budget_used = 0usize;

@@ -47,11 +47,14 @@ pub(crate) fn write_memory_file<B: Bitmap + Sync>(
     let start = Instant::now();
     let out = TempOutput::create(path)?;
     let mut regions = empty_regions(source);
-    let (bases, guest_offset_end) =
+    let guest_offset = layout == FileLayout::GuestOffset;
+    let (bases, guest_offset_end) = if guest_offset {
         guest_offset_bases(regions.iter().map(|r| r.size)).ok_or_else(|| {
             Error::UnsupportedMemory("regions too large for the guest-offset layout".into())
-        })?;
-    let guest_offset = layout == FileLayout::GuestOffset;
+        })?
+    } else {
+        (Vec::new(), 0)
+    };
     let mut cursor = HEADER_BLOCK_LEN;
     let mut batch: Vec<&[u8]> = Vec::new();
     let mut batch_at = cursor;
