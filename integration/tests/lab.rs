@@ -19,13 +19,22 @@ fn repo_root() -> PathBuf {
 /// Runs one scenario through the lab runner and fails the test unless the runner reports PASS
 /// (its exit status is 0 only when its last line is `lab <scenario>: PASS`).
 fn run_scenario(name: &str) {
+    run_scenario_with(name, &[]);
+}
+
+/// Like [`run_scenario`], with extra `ci/lab run` options (e.g. a larger L1).
+fn run_scenario_with(name: &str, options: &[&str]) {
     if std::env::var("EXT_LAB").as_deref() != Ok("1") {
         println!("SKIPPED: lab scenario {name} (set EXT_LAB=1 to run it)");
         return;
     }
     let runner = repo_root().join("ci").join("lab");
     // The runner streams the lab console to our stdout; --nocapture shows it live.
-    let status = match Command::new(&runner).args(["run", name]).status() {
+    let status = match Command::new(&runner)
+        .args(["run", name])
+        .args(options)
+        .status()
+    {
         Ok(status) => status,
         Err(error) => panic!("cannot start {}: {error}", runner.display()),
     };
@@ -48,4 +57,15 @@ fn lab_api() {
 #[test]
 fn lab_perm() {
     run_scenario("perm");
+}
+
+#[test]
+fn lab_snapshot_restore() {
+    run_scenario("snapshot-restore");
+}
+
+#[test]
+fn lab_snapshot_size() {
+    // Two 1 GiB guests and Cloud Hypervisor's dense memory file live in L1's RAM.
+    run_scenario_with("snapshot-size", &["--memory", "4096"]);
 }
