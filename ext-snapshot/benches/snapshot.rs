@@ -1,15 +1,16 @@
 //! Criterion benchmarks at small sizes: the zero check, the writer and the reader/restorers.
 //! `ext-snapshot bench` measures the full-size scenarios against the baselines.
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use ext_snapshot::bench::baseline::{dense_dump, holes_only_copy};
 use ext_snapshot::bench::workload::{fill, memfd_memory, Scenario};
 use ext_snapshot::restore::lazy::restore_lazy;
 use ext_snapshot::restore::mapped::{restore_mapped, MappedOptions};
 use ext_snapshot::{
-    fresh_memory, is_zero_page, restore_eager, EagerOptions, SnapshotFile, SnapshotWriter,
-    WriteOptions,
+    fresh_memory, is_zero_page, restore_eager, EagerOptions, FileLayout, SnapshotFile,
+    SnapshotWriter, WriteOptions,
 };
+use vm_memory::GuestMemoryMmap;
 
 const SIZE: u64 = 64 << 20;
 
@@ -46,18 +47,36 @@ fn writers(c: &mut Criterion) {
         let memory = memfd_memory(SIZE).expect("memfd memory");
         fill(&memory, SIZE, scenario, 1).expect("fill");
         let out = dir.path().join("out");
-        group.bench_with_input(BenchmarkId::new("ours", name), &memory, |b, m| {
-            b.iter(|| {
-                SnapshotWriter::new(WriteOptions::default())
-                    .write_file(m, &out)
-                    .expect("write")
-            })
+        // Every iteration writes a new file: replacing (rename over, or truncate) an existing
+        // one makes ext4 start write-back of it (auto_da_alloc), which would be measured too.
+        let fresh = || {
+            let _ = std::fs::remove_file(&out);
+        };
+        let mut write = |id: &str, writer: &dyn Fn(&GuestMemoryMmap)| {
+            group.bench_with_input(BenchmarkId::new(id, name), &memory, |b, m| {
+                b.iter_batched(fresh, |()| writer(m), BatchSize::PerIteration)
+            });
+        };
+        write("ours", &|m| {
+            SnapshotWriter::new(WriteOptions::default())
+                .write_file(m, &out)
+                .map(drop)
+                .expect("write")
         });
-        group.bench_with_input(BenchmarkId::new("holes_only", name), &memory, |b, m| {
-            b.iter(|| holes_only_copy(m, &out, false).expect("holes-only copy"))
+        write("ours_guest_offset", &|m| {
+            SnapshotWriter::new(WriteOptions::default())
+                .file_layout(FileLayout::GuestOffset)
+                .write_file(m, &out)
+                .map(drop)
+                .expect("write")
         });
-        group.bench_with_input(BenchmarkId::new("dense", name), &memory, |b, m| {
-            b.iter(|| dense_dump(m, &out, false).expect("dense dump"))
+        write("holes_only", &|m| {
+            holes_only_copy(m, &out, false)
+                .map(drop)
+                .expect("holes-only copy")
+        });
+        write("dense", &|m| {
+            dense_dump(m, &out, false).map(drop).expect("dense dump")
         });
     }
     group.finish();
@@ -73,6 +92,11 @@ fn readers(c: &mut Criterion) {
         let path = dir.path().join(format!("{name}.snap"));
         SnapshotWriter::new(WriteOptions::default())
             .write_file(&memory, &path)
+            .expect("write");
+        let guest_offset = dir.path().join(format!("{name}.guest-offset.snap"));
+        SnapshotWriter::new(WriteOptions::default())
+            .file_layout(FileLayout::GuestOffset)
+            .write_file(&memory, &guest_offset)
             .expect("write");
         drop(memory);
         group.bench_function(BenchmarkId::new("open_and_verify", name), |b| {
@@ -90,6 +114,9 @@ fn readers(c: &mut Criterion) {
         });
         group.bench_function(BenchmarkId::new("mapped_setup", name), |b| {
             b.iter(|| restore_mapped(&path, MappedOptions::default()).expect("mapped"))
+        });
+        group.bench_function(BenchmarkId::new("mapped_setup_guest_offset", name), |b| {
+            b.iter(|| restore_mapped(&guest_offset, MappedOptions::default()).expect("mapped"))
         });
         group.bench_function(BenchmarkId::new("lazy_setup", name), |b| {
             b.iter(|| restore_lazy(&path).expect("lazy").finish().expect("finish"))

@@ -4,8 +4,9 @@ mod common;
 
 use common::{anon_memory, page_bytes, read_memory, resident_pages};
 use ext_snapshot::{
-    fresh_memory, restore_eager, restore_stream, EagerOptions, Error, MemoryDirtyBitmap, PageType,
-    RegionBitmaps, SnapshotChain, SnapshotFile, SnapshotWriter, WriteOptions, PAGE_SIZE,
+    fresh_memory, restore_eager, restore_stream, EagerOptions, Error, FileLayout,
+    MemoryDirtyBitmap, PageType, RegionBitmaps, SnapshotChain, SnapshotFile, SnapshotWriter,
+    WriteOptions, PAGE_SIZE,
 };
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
@@ -57,6 +58,14 @@ impl Dirty {
 
 /// Base, then two diffs; returns the snapshots' paths and the final memory.
 fn build_chain(dir: &std::path::Path) -> (Vec<std::path::PathBuf>, GuestMemoryMmap) {
+    build_chain_in(dir, FileLayout::Packed)
+}
+
+/// [`build_chain`] with every file in `layout`.
+fn build_chain_in(
+    dir: &std::path::Path,
+    layout: FileLayout,
+) -> (Vec<std::path::PathBuf>, GuestMemoryMmap) {
     let mem = anon_memory(&LAYOUT);
     for p in 0..8 {
         write_page(&mem, 0, p, &page_bytes(1, p));
@@ -66,6 +75,7 @@ fn build_chain(dir: &std::path::Path) -> (Vec<std::path::PathBuf>, GuestMemoryMm
     let paths: Vec<_> = ["base", "d1", "d2"].iter().map(|n| dir.join(n)).collect();
     let w = WriteOptions::default();
     SnapshotWriter::new(w)
+        .file_layout(layout)
         .write_file(&mem, &paths[0])
         .expect("base");
     let base = SnapshotFile::open(&paths[0]).expect("open base");
@@ -78,6 +88,7 @@ fn build_chain(dir: &std::path::Path) -> (Vec<std::path::PathBuf>, GuestMemoryMm
     dirty.write(&mem, 1, 10, &page_bytes(3, 10)); // new data
     let bitmaps = dirty.bitmaps();
     SnapshotWriter::new(w)
+        .file_layout(layout)
         .diff_against(&base, &bitmaps)
         .write_file(&mem, &paths[1])
         .expect("diff 1");
@@ -91,6 +102,7 @@ fn build_chain(dir: &std::path::Path) -> (Vec<std::path::PathBuf>, GuestMemoryMm
     dirty.write(&mem, 1, 3, &zeros());
     let bitmaps = dirty.bitmaps();
     SnapshotWriter::new(w)
+        .file_layout(layout)
         .diff_against(&d1, &bitmaps)
         .write_file(&mem, &paths[2])
         .expect("diff 2");
@@ -264,4 +276,26 @@ fn vm_memory_dirty_bitmap_drives_a_diff_stream_applied_onto_the_parent() {
         })
         .collect();
     assert!(read_memory(&target) == want);
+}
+
+#[test]
+fn guest_offset_chains_restore_and_merge() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (paths, mem) = build_chain_in(dir.path(), FileLayout::GuestOffset);
+    for path in &paths {
+        let file = SnapshotFile::open(path).expect("open layer");
+        assert_eq!(file.file_layout(), FileLayout::GuestOffset);
+    }
+    let chain = SnapshotChain::open(&paths).expect("chain");
+    check_chain_restore(&chain, &mem);
+    // Merging writes the packed layout; the merged snapshot restores the same memory.
+    let merged_path = dir.path().join("merged");
+    chain
+        .merge(&merged_path, WriteOptions::default())
+        .expect("merge");
+    let merged = SnapshotFile::open(&merged_path).expect("open merged");
+    assert_eq!(merged.file_layout(), FileLayout::Packed);
+    let target = fresh_memory(&merged.layout()).expect("fresh");
+    restore_eager(&merged, &target, EagerOptions::default()).expect("restore merged");
+    assert!(read_memory(&target) == read_memory(&mem));
 }
