@@ -152,12 +152,6 @@ impl VcpuControl {
         state.alive -= 1;
         self.changed.notify_all();
     }
-
-    /// True once every live vCPU thread is parked (or none is left).
-    fn all_parked(&self) -> bool {
-        let state = self.lock();
-        state.parked >= state.alive
-    }
 }
 
 thread_local! {
@@ -404,7 +398,7 @@ pub fn spawn_vcpu(mut vcpu: Vcpu, control: Arc<VcpuControl>) -> Result<VcpuHandl
 /// Stops every vCPU out of KVM_RUN and waits until all are parked (or gone).
 pub fn pause_all(control: &VcpuControl, handles: &[VcpuHandle]) {
     control.set_request(Request::Pause);
-    kick_until(control, handles, || control.all_parked());
+    kick_until(control, handles, |state| state.parked >= state.alive);
 }
 
 /// Makes vCPU threads park as soon as they start (a restored VM that must stay paused).
@@ -442,7 +436,7 @@ pub fn resume_all(control: &VcpuControl) {
 /// Stops and joins every vCPU thread.
 pub fn stop_all(control: &VcpuControl, handles: Vec<VcpuHandle>) {
     control.set_request(Request::Stop);
-    kick_until(control, &handles, || {
+    kick_until(control, &handles, |_| {
         handles.iter().all(|h| h.thread.is_finished())
     });
     for handle in handles {
@@ -454,13 +448,21 @@ pub fn stop_all(control: &VcpuControl, handles: Vec<VcpuHandle>) {
 
 /// Signals the live vCPU threads until `done` holds. Signals are repeated because a thread
 /// busy in a device handler (not in KVM_RUN) sees the request only when it comes back.
-fn kick_until(control: &VcpuControl, handles: &[VcpuHandle], done: impl Fn() -> bool) {
-    while !done() {
+/// `done` is checked under the control lock right before each wait: a vCPU that parks after
+/// the kick notifies `changed` while holding that lock, so its wake-up cannot be lost.
+fn kick_until(control: &VcpuControl, handles: &[VcpuHandle], done: impl Fn(&ControlState) -> bool) {
+    loop {
+        if done(&control.lock()) {
+            return;
+        }
         for handle in handles.iter().filter(|h| !h.thread.is_finished()) {
             // ESRCH only means the thread already ended.
             let _ = handle.thread.kill(kick_signal());
         }
         let state = control.lock();
+        if done(&state) {
+            return;
+        }
         let _ = control
             .changed
             .wait_timeout(state, Duration::from_millis(20))
