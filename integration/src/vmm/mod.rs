@@ -15,6 +15,7 @@ pub mod layout;
 pub mod memory;
 pub mod perm;
 pub mod persist;
+mod restored_memory;
 pub mod slot;
 pub mod snapshot;
 pub mod terminal;
@@ -29,11 +30,12 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 
 use crate::api::{ApiError, VmCounters, VmInfo, VmState, VmmBackend, VmmPingResponse};
-use checkpoint::{DirtyTracking, RestoredMemory, SnapshotFigures};
+use checkpoint::{DirtyTracking, SnapshotFigures};
 use config::{SerialOutput, VmConfig};
 use devices::serial::{SerialCounters, SerialInput};
 use error::{Error, Result};
 use exit::{ExitEvent, ExitReason};
+use restored_memory::RestoredMemory;
 use vcpu::{VcpuControl, VcpuCounters, VcpuHandle};
 use vm::{VirtioSlot, Vm};
 

@@ -160,18 +160,22 @@ pub fn readable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<kvm_msr_entry>> {
     Ok(readable)
 }
 
-vmm_sys_util::ioctl_iowr_nr!(
-    KVM_GET_NESTED_STATE,
-    kvm_bindings::KVMIO,
-    0xbe,
-    kvm_bindings::kvm_nested_state
-);
-vmm_sys_util::ioctl_iow_nr!(
-    KVM_SET_NESTED_STATE,
-    kvm_bindings::KVMIO,
-    0xbf,
-    kvm_bindings::kvm_nested_state
-);
+/// The nested-state ioctls, which kvm-ioctls 0.22 does not wrap.
+mod ioctls {
+    vmm_sys_util::ioctl_iowr_nr!(
+        KVM_GET_NESTED_STATE,
+        kvm_bindings::KVMIO,
+        0xbe,
+        kvm_bindings::kvm_nested_state
+    );
+    vmm_sys_util::ioctl_iow_nr!(
+        KVM_SET_NESTED_STATE,
+        kvm_bindings::KVMIO,
+        0xbf,
+        kvm_bindings::kvm_nested_state
+    );
+}
+use ioctls::{KVM_GET_NESTED_STATE, KVM_SET_NESTED_STATE};
 
 /// Offset of `size` in `struct kvm_nested_state` (after `flags` and `format`, two u16).
 const NESTED_SIZE_OFFSET: usize = 4;
