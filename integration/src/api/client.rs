@@ -157,7 +157,24 @@ impl ApiClient {
         } else {
             request.extend_from_slice(b"\r\n");
         }
-        self.send_raw(&request)?;
+        if let Err(error) = self.send_raw(&request) {
+            // A server that refuses the connection (503 when all connection slots are taken)
+            // answers and closes without reading the request, so the write can fail with
+            // EPIPE while its answer waits in our receive buffer: prefer that answer.
+            let peer_closed = matches!(
+                &error,
+                ApiClientError::Io(io_error) if matches!(
+                    io_error.kind(),
+                    io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+                )
+            );
+            if peer_closed {
+                if let Ok(response) = self.read_response() {
+                    return Ok(response);
+                }
+            }
+            return Err(error);
+        }
         self.read_response()
     }
 
