@@ -6,4 +6,5 @@
 //! the extensions can be driven exactly as an operator drives Cloud Hypervisor.
 pub mod api;
 pub mod bench;
+pub mod test_kernel;
 pub mod vmm;

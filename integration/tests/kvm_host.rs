@@ -344,43 +344,6 @@ fn pause_parks_a_busy_vcpu_and_resume_restarts_it() {
     );
 }
 
-/// A minimal ELF64 "kernel" with a Xen PVH entry note whose code is `code`, loaded at 1 MiB.
-fn pvh_elf(code: &[u8]) -> Vec<u8> {
-    const LOAD_ADDR: u64 = 0x10_0000;
-    const CODE_OFFSET: u64 = 0x200;
-    let note_offset = 64 + 2 * 56;
-    let mut elf = Vec::new();
-    elf.extend_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
-    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    elf.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
-    elf.extend_from_slice(&1u32.to_le_bytes());
-    elf.extend_from_slice(&LOAD_ADDR.to_le_bytes()); // e_entry
-    elf.extend_from_slice(&64u64.to_le_bytes()); // e_phoff
-    elf.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
-    elf.extend_from_slice(&0u32.to_le_bytes()); // e_flags
-    for half in [64u16, 56, 2, 64, 0, 0] {
-        elf.extend_from_slice(&half.to_le_bytes());
-    }
-    let phdr = |elf: &mut Vec<u8>, kind: u32, offset: u64, addr: u64, size: u64| {
-        elf.extend_from_slice(&kind.to_le_bytes());
-        elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
-        for field in [offset, addr, addr, size, size, 0x1000] {
-            elf.extend_from_slice(&field.to_le_bytes());
-        }
-    };
-    phdr(&mut elf, 1, CODE_OFFSET, LOAD_ADDR, code.len() as u64); // PT_LOAD
-    phdr(&mut elf, 4, note_offset, 0, 20); // PT_NOTE
-                                           // XEN_ELFNOTE_PHYS32_ENTRY (18), name "Xen", 32-bit entry point.
-    for word in [4u32, 4, 18] {
-        elf.extend_from_slice(&word.to_le_bytes());
-    }
-    elf.extend_from_slice(b"Xen\0");
-    elf.extend_from_slice(&(LOAD_ADDR as u32).to_le_bytes());
-    elf.resize(CODE_OFFSET as usize, 0);
-    elf.extend_from_slice(code);
-    elf
-}
-
 fn write_temp(dir: &tempfile::TempDir, name: &str, bytes: &[u8]) -> std::path::PathBuf {
     let path = dir.path().join(name);
     std::fs::write(&path, bytes).unwrap();
@@ -410,7 +373,11 @@ fn pvh_probe_code(tail: &[u8]) -> Vec<u8> {
 }
 
 fn vmm_config(dir: &tempfile::TempDir, code: &[u8]) -> VmConfig {
-    let mut config = VmConfig::new(write_temp(dir, "vmlinux", &pvh_elf(code)));
+    let mut config = VmConfig::new(write_temp(
+        dir,
+        "vmlinux",
+        &integration::test_kernel::pvh_elf(code),
+    ));
     config.initramfs = Some(write_temp(dir, "initramfs", &[0x5a; 8192]));
     config.cmdline = "e2e console=ttyS0".into();
     config.memory_size = 64 << 20;

@@ -29,41 +29,6 @@ fn kvm_available(test: &str) -> bool {
     false
 }
 
-/// A minimal ELF64 with a Xen PVH entry note; `code` is loaded and entered at 1 MiB in flat
-/// 32-bit protected mode, paging off.
-fn pvh_elf(code: &[u8]) -> Vec<u8> {
-    const LOAD_ADDR: u64 = 0x10_0000;
-    const CODE_OFFSET: u64 = 0x200;
-    let mut elf = vec![0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    elf.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
-    elf.extend_from_slice(&1u32.to_le_bytes());
-    for word in [LOAD_ADDR, 64, 0] {
-        elf.extend_from_slice(&word.to_le_bytes()); // e_entry, e_phoff, e_shoff
-    }
-    elf.extend_from_slice(&0u32.to_le_bytes()); // e_flags
-    for half in [64u16, 56, 2, 64, 0, 0] {
-        elf.extend_from_slice(&half.to_le_bytes());
-    }
-    let mut phdr = |kind: u32, offset: u64, addr: u64, size: u64| {
-        elf.extend_from_slice(&kind.to_le_bytes());
-        elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
-        for field in [offset, addr, addr, size, size, 0x1000] {
-            elf.extend_from_slice(&field.to_le_bytes());
-        }
-    };
-    phdr(1, CODE_OFFSET, LOAD_ADDR, code.len() as u64); // PT_LOAD
-    phdr(4, 64 + 2 * 56, 0, 20); // PT_NOTE
-    for word in [4u32, 4, 18] {
-        elf.extend_from_slice(&word.to_le_bytes()); // XEN_ELFNOTE_PHYS32_ENTRY, name "Xen"
-    }
-    elf.extend_from_slice(b"Xen\0");
-    elf.extend_from_slice(&(LOAD_ADDR as u32).to_le_bytes());
-    elf.resize(CODE_OFFSET as usize, 0);
-    elf.extend_from_slice(code);
-    elf
-}
-
 /// `mov dx, 0x3c0; mov al, 0x34; out dx, al`: ACPI S5, which ends the VM with `PowerOff`.
 const POWER_OFF: [u8; 7] = [0x66, 0xba, 0xc0, 0x03, 0xb0, 0x34, 0xee];
 
@@ -79,7 +44,7 @@ struct TestVm {
 fn test_vm(code: &[u8]) -> TestVm {
     let dir = tempfile::tempdir().unwrap();
     let kernel = dir.path().join("vmlinux");
-    std::fs::write(&kernel, pvh_elf(code)).unwrap();
+    std::fs::write(&kernel, integration::test_kernel::pvh_elf(code)).unwrap();
     let mut config = VmConfig::new(kernel);
     config.memory_size = MEMORY_SIZE;
     let serial = dir.path().join("serial.out");
