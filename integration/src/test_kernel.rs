@@ -24,8 +24,8 @@ pub fn pvh_elf(code: &[u8]) -> Vec<u8> {
     }
     let mut program_header = |kind: u32, offset: u64, addr: u64, size: u64| {
         elf.extend_from_slice(&kind.to_le_bytes());
-        elf.extend_from_slice(&5u32.to_le_bytes()); // PF_R | PF_X
-        // offset, vaddr, paddr, file size, memory size, alignment
+        // Flags PF_R | PF_X, then offset, vaddr, paddr, file size, memory size, alignment.
+        elf.extend_from_slice(&5u32.to_le_bytes());
         for field in [offset, addr, addr, size, size, 4] {
             elf.extend_from_slice(&field.to_le_bytes());
         }
