@@ -6,10 +6,9 @@
 //! Where `/dev/kvm` is missing every test prints a `SKIPPED:` line and returns.
 
 use std::io::{self, Write};
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use integration::api::{VmState, VmmBackend};
 use integration::vmm::bus::{Bus, BusDevice};
@@ -29,18 +28,12 @@ use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+mod common;
+use common::{kvm_available, wait_for};
+
 const CODE_START: u64 = 0x1000;
 const TEST_PORT: u16 = 0x500;
 const TEST_MMIO: u64 = 0xd000_0000;
-
-fn kvm_available(test: &str) -> bool {
-    if Path::new("/dev/kvm").exists() {
-        true
-    } else {
-        println!("SKIPPED: {test}: /dev/kvm not available");
-        false
-    }
-}
 
 /// Records every write and answers reads with a fixed pattern per offset.
 #[derive(Default)]
@@ -284,18 +277,6 @@ impl BusDevice for Counter {
     }
 }
 
-fn wait_for(mut condition: impl FnMut() -> bool) -> bool {
-    // A generous bound only so a broken build fails instead of hanging; no speed is asserted.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if condition() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    false
-}
-
 #[test]
 fn pause_parks_a_busy_vcpu_and_resume_restarts_it() {
     if !kvm_available("pause_parks_a_busy_vcpu_and_resume_restarts_it") {
@@ -322,7 +303,8 @@ fn pause_parks_a_busy_vcpu_and_resume_restarts_it() {
     let handle = vcpu::spawn_vcpu(vcpu, control.clone()).unwrap();
     let handles = vec![handle];
     assert!(
-        wait_for(|| count.load(Ordering::SeqCst) > 10),
+        wait_for(Duration::from_secs(60), || count.load(Ordering::SeqCst)
+            > 10),
         "guest never ran"
     );
 
@@ -332,7 +314,9 @@ fn pause_parks_a_busy_vcpu_and_resume_restarts_it() {
     assert_eq!(count.load(Ordering::SeqCst), paused_at, "a paused vCPU ran");
 
     vcpu::resume_all(&control);
-    assert!(wait_for(|| count.load(Ordering::SeqCst) > paused_at + 10));
+    assert!(wait_for(Duration::from_secs(60), || count
+        .load(Ordering::SeqCst)
+        > paused_at + 10));
 
     vcpu::stop_all(&control, handles);
     let stopped_at = count.load(Ordering::SeqCst);
@@ -430,7 +414,10 @@ fn vmm_backend_pauses_resumes_and_shuts_down_a_running_guest() {
     };
     let backend: Arc<dyn VmmBackend> = vmm.clone();
     let io_out = |backend: &Arc<dyn VmmBackend>| backend.vm_counters().unwrap()["vcpu0"]["io_out"];
-    assert!(wait_for(|| io_out(&backend) > 100), "guest never ran");
+    assert!(
+        wait_for(Duration::from_secs(60), || io_out(&backend) > 100),
+        "guest never ran"
+    );
     assert!(
         backend.vm_resume().is_err(),
         "resume of a running VM must fail"
@@ -445,7 +432,8 @@ fn vmm_backend_pauses_resumes_and_shuts_down_a_running_guest() {
 
     backend.vm_resume().unwrap();
     assert_eq!(backend.vm_info().unwrap().state, VmState::Running);
-    assert!(wait_for(|| io_out(&backend) > paused_at + 100));
+    assert!(wait_for(Duration::from_secs(60), || io_out(&backend)
+        > paused_at + 100));
 
     backend.vm_shutdown().unwrap();
     assert_eq!(backend.vm_info().unwrap().state, VmState::Shutdown);

@@ -5,7 +5,7 @@
 //! The VM behind the API is a real [`Vmm`] (KVM VM, memslots adopted by ext-perm's KVM
 //! backend). Where `/dev/kvm` is missing every test prints a `SKIPPED:` line and returns.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use integration::api::{
@@ -16,18 +16,13 @@ use integration::vmm::config::{SerialOutput, VmConfig};
 use integration::vmm::exit::ExitReason;
 use integration::vmm::Vmm;
 
+mod common;
+use common::kvm_available;
+
 /// A page of guest RAM the guests below use, away from the kernel (1 MiB), the start info
 /// and the initramfs (top of RAM).
 const TEST_PAGE: u64 = 0x20_0000;
 const MEMORY_SIZE: u64 = 64 << 20;
-
-fn kvm_available(test: &str) -> bool {
-    if Path::new("/dev/kvm").exists() {
-        return true;
-    }
-    println!("SKIPPED: {test}: /dev/kvm not available");
-    false
-}
 
 /// `mov dx, 0x3c0; mov al, 0x34; out dx, al`: ACPI S5, which ends the VM with `PowerOff`.
 const POWER_OFF: [u8; 7] = [0x66, 0xba, 0xc0, 0x03, 0xb0, 0x34, 0xee];

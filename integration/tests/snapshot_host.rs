@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use integration::api::{VmRestoreConfig, VmSnapshotConfig, VmState, VmmBackend};
 use integration::vmm::config::{SerialOutput, VmConfig};
@@ -18,31 +18,13 @@ use integration::vmm::slot::{SlotEvent, VmmSlot};
 use integration::vmm::snapshot::{MemoryRestoreMode, RestoreConfig, STATE_FILE};
 use integration::vmm::Vmm;
 
+mod common;
+use common::{kvm_available, wait_for};
+
 /// Steps the guest makes before powering off.
 const STEPS: u32 = 60_000;
 /// Guest-physical address of the counter.
 const COUNTER: u32 = 0x3000;
-
-fn kvm_available(test: &str) -> bool {
-    if Path::new("/dev/kvm").exists() {
-        true
-    } else {
-        println!("SKIPPED: {test}: /dev/kvm not available");
-        false
-    }
-}
-
-fn wait_for(mut condition: impl FnMut() -> bool) -> bool {
-    // A generous bound only so a broken build fails instead of hanging; no speed is asserted.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while Instant::now() < deadline {
-        if condition() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    false
-}
 
 /// The counting guest (32-bit code, entered like a PVH kernel).
 fn counting_guest() -> Vec<u8> {
@@ -106,7 +88,7 @@ fn run_pause_snapshot(vmm: Arc<Vmm>, at_least: u64, serial: &Path, snapshot: &Pa
         vmm.resume().unwrap();
     }
     assert!(
-        wait_for(|| serial_bytes(&vmm) > at_least),
+        wait_for(Duration::from_secs(120), || serial_bytes(&vmm) > at_least),
         "the guest did not run"
     );
     vmm.vm_pause().unwrap();
@@ -341,7 +323,7 @@ fn a_diff_snapshot_restores_through_its_chain() {
         })
     };
     assert!(
-        wait_for(|| serial_bytes(&vmm) > 1000),
+        wait_for(Duration::from_secs(120), || serial_bytes(&vmm) > 1000),
         "the guest did not run"
     );
     vmm.vm_pause().unwrap();
@@ -350,7 +332,7 @@ fn a_diff_snapshot_restores_through_its_chain() {
     snapshot(&full, None).unwrap();
     vmm.vm_resume().unwrap();
     let at = serial_bytes(&vmm);
-    assert!(wait_for(|| serial_bytes(&vmm) > at + 1000));
+    assert!(wait_for(Duration::from_secs(120), || serial_bytes(&vmm) > at + 1000));
     vmm.vm_pause().unwrap();
     let elsewhere = dir.path().join("elsewhere");
     assert_eq!(snapshot(&diff, Some(&elsewhere)).unwrap_err().status, 400);
