@@ -77,6 +77,11 @@ fn shift(table: &[[u32; 256]; 4], reg: u32) -> u32 {
         ^ table[3][usize::from(b[3])]
 }
 
+/// CRC-32C of `data` continuing from `crc`, three lanes of the SSE 4.2 `crc32` instruction
+/// combined with `tables`.
+///
+/// # Safety
+/// The CPU must support SSE 4.2; callers check `is_x86_feature_detected!("sse4.2")` first.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "sse4.2")]
 unsafe fn crc32c_sse42_3way(crc: u32, data: &[u8], tables: &ShiftTables) -> u32 {
