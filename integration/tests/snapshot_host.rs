@@ -223,6 +223,13 @@ fn damaged_snapshots_are_refused_before_a_vm_exists() {
     flipped[at] = if flipped[at] == b'1' { b'2' } else { b'1' };
     std::fs::write(&state_path, &flipped).unwrap();
     assert!(restore("corrupt state").contains("checksum"));
+    // Damage that no longer fits the state's types (a u64 register far out of range) is still
+    // reported as damage: the checksum is checked on the raw bytes before typed parsing.
+    let mut overflowed = state[..at].to_vec();
+    overflowed.extend_from_slice(b"99999999999999999999999");
+    overflowed.extend_from_slice(&state[at..]);
+    std::fs::write(&state_path, &overflowed).unwrap();
+    assert!(restore("out-of-range state").contains("checksum"));
 
     std::fs::write(&state_path, &state[..state.len() / 2]).unwrap();
     assert!(restore("truncated state").contains("corrupt or truncated"));

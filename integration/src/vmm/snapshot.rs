@@ -58,17 +58,45 @@ pub struct VmSnapshotState {
 }
 
 /// `state.json` on disk: the version first (so a reader can refuse before parsing the rest),
-/// then a CRC-32C of the serialized state, then the state.
-#[derive(Serialize, Deserialize)]
-struct StateFile {
-    version: u32,
+/// then a CRC-32C of the state's bytes exactly as they stand in the file, then the state. The
+/// state is kept raw until its checksum matched, so any damage to it is reported as such and
+/// not as whatever typed-parsing error the damaged bytes happen to cause.
+#[derive(Deserialize)]
+struct StateFile<'a> {
     crc32c: u32,
-    state: VmSnapshotState,
+    #[serde(borrow)]
+    state: &'a serde_json::value::RawValue,
 }
 
 #[derive(Deserialize)]
 struct VersionOnly {
     version: u32,
+}
+
+/// Decodes a `state.json`: version, then checksum over the raw state bytes, then the state.
+fn decode_state(bytes: &[u8]) -> Result<VmSnapshotState> {
+    let version: VersionOnly = serde_json::from_slice(bytes)
+        .map_err(|e| Error::Snapshot(format!("{STATE_FILE} is corrupt or truncated: {e}")))?;
+    if version.version != STATE_VERSION {
+        return Err(Error::Snapshot(format!(
+            "{STATE_FILE} has version {}, this ext-vmm reads version {STATE_VERSION}",
+            version.version
+        )));
+    }
+    let file: StateFile = serde_json::from_slice(bytes)
+        .map_err(|e| Error::Snapshot(format!("{STATE_FILE} is corrupt or truncated: {e}")))?;
+    let crc = crc32c::crc32c(file.state.get().as_bytes());
+    if crc != file.crc32c {
+        return Err(Error::Snapshot(format!(
+            "{STATE_FILE} is corrupt: checksum {crc:#x}, recorded {:#x}",
+            file.crc32c
+        )));
+    }
+    serde_json::from_str(file.state.get()).map_err(|e| {
+        Error::Snapshot(format!(
+            "{STATE_FILE} passed its checksum but is not a VM state of this version: {e}"
+        ))
+    })
 }
 
 /// A snapshot directory named by a `file://` URL.
@@ -163,25 +191,7 @@ impl SnapshotDir {
         let config_bytes = read_file(&self.path.join(CONFIG_FILE))?;
         let config: VmConfig = serde_json::from_slice(&config_bytes)
             .map_err(|e| Error::Snapshot(format!("{CONFIG_FILE} is not a VM config: {e}")))?;
-        let state_bytes = read_file(&self.path.join(STATE_FILE))?;
-        let version: VersionOnly = serde_json::from_slice(&state_bytes)
-            .map_err(|e| Error::Snapshot(format!("{STATE_FILE} is corrupt or truncated: {e}")))?;
-        if version.version != STATE_VERSION {
-            return Err(Error::Snapshot(format!(
-                "{STATE_FILE} has version {}, this ext-vmm reads version {STATE_VERSION}",
-                version.version
-            )));
-        }
-        let file: StateFile = serde_json::from_slice(&state_bytes)
-            .map_err(|e| Error::Snapshot(format!("{STATE_FILE} is corrupt or truncated: {e}")))?;
-        let (_, crc) = state_crc(&file.state)?;
-        if crc != file.crc32c {
-            return Err(Error::Snapshot(format!(
-                "{STATE_FILE} is corrupt: checksum {crc:#x}, recorded {:#x}",
-                file.crc32c
-            )));
-        }
-        let state = file.state;
+        let state = decode_state(&read_file(&self.path.join(STATE_FILE))?)?;
         if state.vcpus.len() != usize::from(config.cpus)
             || state
                 .vcpus
@@ -230,14 +240,10 @@ impl SnapshotDir {
             }
             let dir = SnapshotDir { path: dir };
             let bytes = read_file(&dir.path.join(STATE_FILE))?;
-            let file: StateFile = serde_json::from_slice(&bytes).map_err(|e| {
-                Error::Snapshot(format!(
-                    "parent {} is corrupt: {e}",
-                    dir.path.join(STATE_FILE).display()
-                ))
-            })?;
+            let state = decode_state(&bytes)
+                .map_err(|e| Error::Snapshot(format!("parent {}: {e}", dir.path.display())))?;
             chain.push(dir.memory_path());
-            parent = file.state.memory.parent;
+            parent = state.memory.parent;
         }
         chain.reverse();
         Ok(chain)
