@@ -46,9 +46,8 @@ impl RunGate {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Called by vCPU `vcpu`'s thread right before `KVM_RUN`; blocks while another vCPU
-    /// holds the VM.
-    pub fn enter(&self, vcpu: u32) {
+    /// Locks the gate once no vCPU other than `vcpu` holds the VM.
+    fn wait_until_not_held_by_others(&self, vcpu: u32) -> MutexGuard<'_, GateState> {
         let mut state = self.lock();
         while state.holder.is_some_and(|h| h != vcpu) {
             state = self
@@ -56,6 +55,13 @@ impl RunGate {
                 .wait(state)
                 .unwrap_or_else(PoisonError::into_inner);
         }
+        state
+    }
+
+    /// Called by vCPU `vcpu`'s thread right before `KVM_RUN`; blocks while another vCPU
+    /// holds the VM.
+    pub fn enter(&self, vcpu: u32) {
+        let mut state = self.wait_until_not_held_by_others(vcpu);
         // SAFETY: pthread_self has no preconditions and always succeeds.
         let thread = unsafe { libc::pthread_self() };
         state.in_guest.insert(vcpu, thread);
@@ -69,13 +75,7 @@ impl RunGate {
 
     /// Returns once `vcpu` holds the VM and no other vCPU is in guest mode.
     pub fn hold_others(&self, vcpu: u32) {
-        let mut state = self.lock();
-        while state.holder.is_some_and(|h| h != vcpu) {
-            state = self
-                .changed
-                .wait(state)
-                .unwrap_or_else(PoisonError::into_inner);
-        }
+        let mut state = self.wait_until_not_held_by_others(vcpu);
         state.holder = Some(vcpu);
         loop {
             let others: Vec<libc::pthread_t> = state

@@ -218,37 +218,24 @@ impl<B: EnforcementBackend, M: GuestMemory + Send + Sync> PermissionManager<B, M
             .map(|&g| inner.table.permissions_for(id, g))
             .collect();
         let page_gpa = |g: u64| g * PAGE_SIZE;
+        let execute_refusal = |kind, gpa, text| Refusal {
+            access: AccessKind::Execute,
+            kind,
+            gpa,
+            rip: regs.rip,
+            instruction: Some(text),
+        };
         if !view_perms[0].execute() {
             let gpa = page_gpa(fetched.gfns[0]) + regs.rip % PAGE_SIZE;
-            let (access, kind, rip) = (AccessKind::Execute, ViolationKind::Execute, regs.rip);
-            return self.refuse(
-                inner,
-                vcpu,
-                Refusal {
-                    access,
-                    kind,
-                    gpa,
-                    rip,
-                    instruction: Some(text),
-                },
-            );
+            let refusal = execute_refusal(ViolationKind::Execute, gpa, text);
+            return self.refuse(inner, vcpu, refusal);
         }
         let straddle = view_perms.iter().position(|p| !p.execute());
         if let Some(i) = straddle {
             if self.config.straddle == StraddlePolicy::Deny {
                 let gpa = page_gpa(fetched.gfns[i]);
-                let (access, kind, rip) = (AccessKind::Execute, ViolationKind::Straddle, regs.rip);
-                return self.refuse(
-                    inner,
-                    vcpu,
-                    Refusal {
-                        access,
-                        kind,
-                        gpa,
-                        rip,
-                        instruction: Some(text),
-                    },
-                );
+                let refusal = execute_refusal(ViolationKind::Straddle, gpa, text);
+                return self.refuse(inner, vcpu, refusal);
             }
         }
         let single_step = inner.backend.single_step_supported(mode.cpl);
