@@ -240,7 +240,7 @@ fn vm_memory_dirty_bitmap_drives_a_diff_stream_applied_onto_the_parent() {
         .write_file(&mem, &base_path)
         .expect("base");
     for r in mem.iter() {
-        r.bitmap().reset();
+        (**r).bitmap().reset();
     }
     write_page(&mem, 0, 1, &zeros());
     write_page(&mem, 1, 15, &page_bytes(8, 15));

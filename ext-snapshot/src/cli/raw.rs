@@ -35,7 +35,7 @@ pub fn map_raw_memory(path: &Path) -> Result<GuestMemoryMmap, CliError> {
         .build()
         .map_err(|e| CliError::Usage(format!("mapping {}: {e}", path.display())))?;
     let region = GuestRegionMmap::new(region, GuestAddress(0))
-        .map_err(|e| CliError::Usage(format!("mapping {}: {e}", path.display())))?;
+        .ok_or_else(|| CliError::Usage(format!("{}: too large to map", path.display())))?;
     GuestMemoryMmap::from_regions(vec![region])
         .map_err(|e| CliError::Usage(format!("mapping {}: {e}", path.display())))
 }

@@ -258,7 +258,7 @@ pub fn restore_lazy(path: &Path) -> Result<LazyRestore> {
         });
         guest_regions.push(
             GuestRegionMmap::new(mapping, GuestAddress(region.guest_addr))
-                .map_err(|e| Error::UnsupportedMemory(e.to_string()))?,
+                .ok_or_else(|| Error::UnsupportedMemory(format!("region at {:#x} overflows the guest address space", region.guest_addr)))?,
         );
     }
     let memory = GuestMemoryMmap::from_regions(guest_regions)

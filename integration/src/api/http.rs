@@ -153,7 +153,7 @@ impl Connection {
         }
         let total = head.head_len + head.content_length;
         if head.expect_continue && self.pending.len() < total {
-            if let Err(err) = self.stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n") {
+            if let Err(err) = self.stream.write_all(b"HTTP/1.1 100 \r\n\r\n") {
                 tracing::debug!("API client went away before 100-continue: {err}");
                 return ReadOutcome::Closed;
             }
@@ -372,39 +372,20 @@ fn bad_request(message: String) -> Response {
     Response::error(400, &[message])
 }
 
-/// The reason phrase for the status codes this server sends.
-pub(crate) fn reason_phrase(status: u16) -> &'static str {
-    match status {
-        100 => "Continue",
-        200 => "OK",
-        204 => "No Content",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        409 => "Conflict",
-        413 => "Content Too Large",
-        417 => "Expectation Failed",
-        431 => "Request Header Fields Too Large",
-        500 => "Internal Server Error",
-        501 => "Not Implemented",
-        503 => "Service Unavailable",
-        _ => "Unknown",
-    }
-}
-
-/// Serializes a response; a 204 carries neither body nor `Content-Length` (RFC 9110 §8.6).
+/// Serializes a response byte for byte the way micro_http (Cloud Hypervisor's HTTP server)
+/// does, because Cloud Hypervisor's client depends on it: `ch-remote` takes everything between
+/// `HTTP/1.1 ` and the first `\r` as the status code, so the status line is the code followed by
+/// one space and no reason phrase (`HTTP/1.1 200 \r\n`; RFC 9112 allows the empty phrase).
+/// Then `Server`, `Connection`, `Allow` when set, `Content-Type` and `Content-Length` with a
+/// body; a 204 carries neither (RFC 9110 §8.6).
 pub(crate) fn encode_response(response: &Response, keep_alive: bool) -> Vec<u8> {
     let mut head = format!(
-        "HTTP/1.1 {} {}\r\nServer: ext-vmm\r\n",
+        "HTTP/1.1 {} \r\nServer: ext-vmm\r\nConnection: {}\r\n",
         response.status,
-        reason_phrase(response.status)
+        if keep_alive { "keep-alive" } else { "close" }
     );
     if let Some(allow) = &response.allow {
         head.push_str(&format!("Allow: {allow}\r\n"));
-    }
-    if !keep_alive {
-        head.push_str("Connection: close\r\n");
     }
     let body = match (&response.body, response.status) {
         (_, 204) => &[][..],
@@ -416,6 +397,8 @@ pub(crate) fn encode_response(response: &Response, keep_alive: bool) -> Vec<u8> 
             body.as_slice()
         }
         (None, _) => {
+            // micro_http omits the header here; we keep it so that a generic HTTP/1.1 client
+            // on a persistent connection knows the (empty) body ends (RFC 9112 §6.3).
             head.push_str("Content-Length: 0\r\n");
             &[][..]
         }
@@ -490,7 +473,7 @@ mod tests {
     fn no_content_has_no_length_header() {
         let bytes = encode_response(&Response::no_content(), true);
         let text = String::from_utf8_lossy(&bytes);
-        assert!(text.starts_with("HTTP/1.1 204 No Content\r\n"));
+        assert!(text.starts_with("HTTP/1.1 204 \r\nServer: ext-vmm\r\nConnection: keep-alive\r\n"));
         assert!(!text.contains("Content-Length"));
         assert!(text.ends_with("\r\n\r\n"));
     }

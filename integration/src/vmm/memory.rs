@@ -59,8 +59,9 @@ pub fn create_guest_memory(size: u64, shared: bool) -> Result<GuestMemoryMmap> {
             .map_err(|e| Error::Sys("dup guest memfd", e))?;
         let mapping = MmapRegion::from_file(FileOffset::new(clone, offset), len as usize)
             .map_err(|e| Error::Memory(e.to_string()))?;
-        regions
-            .push(GuestRegionMmap::new(mapping, addr).map_err(|e| Error::Memory(e.to_string()))?);
+        regions.push(GuestRegionMmap::new(mapping, addr).ok_or_else(|| {
+            Error::Memory(format!("region at {:#x} overflows the guest address space", addr.0))
+        })?);
         offset += len;
     }
     GuestMemoryMmap::from_regions(regions).map_err(|e| Error::Memory(e.to_string()))
