@@ -63,12 +63,6 @@ pub struct VmSnapshotConfig {
     /// then written as a diff holding only pages dirtied since that snapshot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
-    /// ext-vmm extension, for measurements: after the snapshot, also write the memory the way
-    /// Cloud Hypervisor does (dense for `shared=off`, data extents of the memfd at their
-    /// offsets for `shared=on`) to `baseline-memory` in the same directory, timed on its own
-    /// (`vm.counters` `snapshot.baseline_*`). Restore never reads that file.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub cloud_hypervisor_baseline: bool,
 }
 
 /// Body of `PUT /api/v1/vm.restore`, in Cloud Hypervisor's `RestoreConfig` shape (fields we do

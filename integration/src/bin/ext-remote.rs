@@ -57,9 +57,6 @@ enum Command {
         /// Write only pages dirtied since this earlier snapshot of the same VM (ext-vmm).
         #[arg(long)]
         parent: Option<String>,
-        /// Also write and time Cloud Hypervisor's memory file (a measurement baseline).
-        #[arg(long)]
-        cloud_hypervisor_baseline: bool,
     },
     /// Create the VM from a snapshot (vm.restore; the VMM must have no VM yet).
     Restore {
@@ -173,11 +170,9 @@ impl Command {
             Command::Snapshot {
                 destination_url,
                 parent,
-                cloud_hypervisor_baseline,
             } => serde_json::to_vec(&VmSnapshotConfig {
                 destination_url: destination_url.clone(),
                 parent: parent.clone(),
-                cloud_hypervisor_baseline: *cloud_hypervisor_baseline,
             })
             .map(Some),
             Command::Restore {

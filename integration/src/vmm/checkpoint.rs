@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use ext_snapshot::bench::baseline::{dense_dump, holes_only_copy};
 use ext_snapshot::{PageType, RegionBitmaps, SnapshotFile, SnapshotWriter, WriteOptions};
 use kvm_ioctls::Kvm;
 use vm_memory::{Address, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
@@ -34,9 +33,6 @@ pub struct SnapshotFigures {
     pub memory_seconds: f64,
     /// Wall-clock seconds of the whole operation (vCPU and device state included).
     pub seconds: f64,
-    /// Cloud Hypervisor's way of writing the same memory, when asked for: seconds and
-    /// allocated bytes.
-    pub baseline: Option<(f64, u64)>,
 }
 
 impl SnapshotFigures {
@@ -51,10 +47,6 @@ impl SnapshotFigures {
         out.push(("allocated_bytes".into(), self.allocated_bytes));
         out.push(("memory_micros".into(), (self.memory_seconds * 1e6) as u64));
         out.push(("micros".into(), (self.seconds * 1e6) as u64));
-        if let Some((seconds, allocated)) = self.baseline {
-            out.push(("baseline_micros".into(), (seconds * 1e6) as u64));
-            out.push(("baseline_allocated_bytes".into(), allocated));
-        }
         out
     }
 
@@ -71,9 +63,6 @@ impl SnapshotFigures {
             "allocated_bytes": self.allocated_bytes,
             "memory_seconds": self.memory_seconds,
             "seconds": self.seconds,
-            "baseline": self.baseline.map(|(seconds, allocated)| serde_json::json!({
-                "seconds": seconds, "allocated_bytes": allocated,
-            })),
         })
     }
 }
@@ -179,25 +168,12 @@ impl Vmm {
         }
         dirty.base = Some(dir.path().to_path_buf());
         let seconds = started.elapsed().as_secs_f64();
-        let baseline = if request.cloud_hypervisor_baseline {
-            let path = dir.path().join("baseline-memory");
-            let written = if self.config.memory_shared {
-                holes_only_copy(memory, &path, false)
-            } else {
-                dense_dump(memory, &path, false)
-            }
-            .map_err(Error::SnapshotMemory)?;
-            Some((written.seconds, written.allocated))
-        } else {
-            None
-        };
         let figures = SnapshotFigures {
             pages: report.pages_by_type,
             bytes: report.output_bytes,
             allocated_bytes: allocated_bytes(&dir.memory_path()),
             memory_seconds,
             seconds,
-            baseline,
         };
         tracing::info!(
             "snapshot written to {}: {} data pages, {} bytes, {:.3} s",
