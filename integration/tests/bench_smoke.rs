@@ -2,6 +2,9 @@
 //! table is printed; without `/dev/kvm` it prints its `SKIPPED:` line and exits 0. It also
 //! summarises a lab log given with `--lab-log`. No timing is checked (issue 2).
 
+// Test fixtures unwrap: a panic is how a test fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};

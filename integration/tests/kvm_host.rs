@@ -5,31 +5,33 @@
 //! buses and devices. No in-kernel irqchip is created, so a guest `hlt` ends the run.
 //! Where `/dev/kvm` is missing every test prints a `SKIPPED:` line and returns.
 
+// Test fixtures unwrap: a panic is how a test fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use integration::api::{VmState, VmmBackend};
-use integration::vmm::bus::{Bus, BusDevice};
-use integration::vmm::config::{SerialOutput, VmConfig};
-use integration::vmm::cpu;
-use integration::vmm::devices::legacy::AcpiPm;
-use integration::vmm::devices::serial::SerialDevice;
-use integration::vmm::devices::IrqTrigger;
-use integration::vmm::exit::{ExitEvent, ExitReason};
-use integration::vmm::memory::{create_guest_memory, register_memory};
-use integration::vmm::vcpu::{self, Vcpu, VcpuControl, VcpuCounters, VcpuStop};
-use integration::vmm::virtio::console::Console;
-use integration::vmm::virtio::mmio::{MmioTransport, MMIO_MAGIC_VALUE, MMIO_VERSION};
-use integration::vmm::virtio::VirtioInterrupt;
-use integration::vmm::Vmm;
+use ext_vmm::bus::{Bus, BusDevice};
+use ext_vmm::config::{SerialOutput, VmConfig};
+use ext_vmm::cpu;
+use ext_vmm::devices::legacy::AcpiPm;
+use ext_vmm::devices::serial::SerialDevice;
+use ext_vmm::devices::IrqTrigger;
+use ext_vmm::exit::{ExitEvent, ExitReason};
+use ext_vmm::memory::{create_guest_memory, register_memory};
+use ext_vmm::vcpu::{self, Vcpu, VcpuControl, VcpuCounters, VcpuStop};
+use ext_vmm::virtio::console::Console;
+use ext_vmm::virtio::mmio::{MmioTransport, MMIO_MAGIC_VALUE, MMIO_VERSION};
+use ext_vmm::virtio::VirtioInterrupt;
+use ext_vmm::Vmm;
+use ext_vmm_api::{RequestHandler, VmState};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-mod common;
-use common::{kvm_available, wait_for};
+use ext_vmm_tests::common::{kvm_available, wait_for, Calls};
 
 const CODE_START: u64 = 0x1000;
 const TEST_PORT: u16 = 0x500;
@@ -360,7 +362,7 @@ fn vmm_config(dir: &tempfile::TempDir, code: &[u8]) -> VmConfig {
     let mut config = VmConfig::new(write_temp(
         dir,
         "vmlinux",
-        &integration::test_kernel::pvh_elf(code),
+        &ext_vmm_tests::test_kernel::pvh_elf(code),
     ));
     config.initramfs = Some(write_temp(dir, "initramfs", &[0x5a; 8192]));
     config.cmdline = "e2e console=ttyS0".into();
@@ -412,8 +414,9 @@ fn vmm_backend_pauses_resumes_and_shuts_down_a_running_guest() {
         let vmm = vmm.clone();
         std::thread::spawn(move || vmm.run_until_exit())
     };
-    let backend: Arc<dyn VmmBackend> = vmm.clone();
-    let io_out = |backend: &Arc<dyn VmmBackend>| backend.vm_counters().unwrap()["vcpu0"]["io_out"];
+    let backend: Arc<dyn RequestHandler> = vmm.clone();
+    let io_out =
+        |backend: &Arc<dyn RequestHandler>| backend.vm_counters().unwrap()["vcpu0"]["io_out"];
     assert!(
         wait_for(Duration::from_secs(60), || io_out(&backend) > 100),
         "guest never ran"
@@ -428,7 +431,7 @@ fn vmm_backend_pauses_resumes_and_shuts_down_a_running_guest() {
     let paused_at = io_out(&backend);
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(io_out(&backend), paused_at, "a paused guest made exits");
-    assert_eq!(backend.vm_pause().unwrap_err().status, 405);
+    assert_eq!(backend.vm_pause().unwrap_err().status(), 405);
 
     backend.vm_resume().unwrap();
     assert_eq!(backend.vm_info().unwrap().state, VmState::Running);
@@ -442,8 +445,7 @@ fn vmm_backend_pauses_resumes_and_shuts_down_a_running_guest() {
     assert_eq!(info.memory_actual_size, 64 << 20);
     assert_eq!(info.config["memory"]["shared"], true);
     assert!(backend.vm_shutdown().is_err());
-    backend.vmm_shutdown().unwrap();
-    vmm.wait_for_vmm_shutdown();
+
     assert_eq!(
         std::fs::read(dir.path().join("serial.out")).unwrap(),
         b"OKe\n"

@@ -4,6 +4,9 @@
 //! A lab run takes minutes and needs QEMU and the Debian images, so the tests run only when
 //! `EXT_LAB=1` is set (`ci/test` sets it); otherwise each prints a SKIPPED line.
 
+// Test fixtures unwrap: a panic is how a test fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

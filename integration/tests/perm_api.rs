@@ -5,19 +5,21 @@
 //! The VM behind the API is a real [`Vmm`] (KVM VM, memslots adopted by ext-perm's KVM
 //! backend). Where `/dev/kvm` is missing every test prints a `SKIPPED:` line and returns.
 
+// Test fixtures unwrap: a panic is how a test fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use integration::api::{
-    start_api_server, ApiClient, ApiError, ApiResponse, ApiServer, VmCounters, VmInfo, VmmBackend,
-    VmmPingResponse,
+use ext_vmm::config::{SerialOutput, VmConfig};
+use ext_vmm::exit::ExitReason;
+use ext_vmm::Vmm;
+use ext_vmm_api::{
+    start_api_server, ApiClient, ApiError, ApiRequest, ApiResponse, ApiServer, ClientResponse,
+    RequestHandler,
 };
-use integration::vmm::config::{SerialOutput, VmConfig};
-use integration::vmm::exit::ExitReason;
-use integration::vmm::Vmm;
 
-mod common;
-use common::kvm_available;
+use ext_vmm_tests::common::kvm_available;
 
 /// A page of guest RAM the guests below use, away from the kernel (1 MiB), the start info
 /// and the initramfs (top of RAM).
@@ -39,14 +41,14 @@ struct TestVm {
 fn test_vm(code: &[u8]) -> TestVm {
     let dir = tempfile::tempdir().unwrap();
     let kernel = dir.path().join("vmlinux");
-    std::fs::write(&kernel, integration::test_kernel::pvh_elf(code)).unwrap();
+    std::fs::write(&kernel, ext_vmm_tests::test_kernel::pvh_elf(code)).unwrap();
     let mut config = VmConfig::new(kernel);
     config.memory_size = MEMORY_SIZE;
     let serial = dir.path().join("serial.out");
     config.serial = SerialOutput::File(serial.clone());
     let vmm = Arc::new(Vmm::new(config).unwrap());
     let socket = dir.path().join("api.sock");
-    let server = start_api_server(&socket, vmm.clone() as Arc<dyn VmmBackend>).unwrap();
+    let server = start_api_server(&socket, vmm.clone() as Arc<dyn RequestHandler>).unwrap();
     let client = ApiClient::connect(&socket).unwrap();
     TestVm {
         vmm,
@@ -58,7 +60,7 @@ fn test_vm(code: &[u8]) -> TestVm {
 }
 
 impl TestVm {
-    fn put(&mut self, endpoint: &str, body: &str) -> ApiResponse {
+    fn put(&mut self, endpoint: &str, body: &str) -> ClientResponse {
         // A refused request closes the connection (Connection: close): use a fresh one.
         let response = self
             .client
@@ -81,7 +83,7 @@ impl TestVm {
         self.client = ApiClient::connect(&socket).unwrap();
     }
 
-    fn set(&mut self, gpa: u64, size: u64, permissions: &str) -> ApiResponse {
+    fn set(&mut self, gpa: u64, size: u64, permissions: &str) -> ClientResponse {
         let body =
             format!(r#"{{"view":0,"gpa":{gpa},"size":{size},"permissions":"{permissions}"}}"#);
         self.put("ext/perm.set", &body)
@@ -89,7 +91,7 @@ impl TestVm {
 }
 
 /// Asserts a 400 whose body is a non-empty JSON array of strings mentioning `needle`.
-fn assert_refused(response: &ApiResponse, needle: &str) {
+fn assert_refused(response: &ClientResponse, needle: &str) {
     assert_eq!(response.status, 400, "{}", response.body_text());
     let messages: Vec<String> = serde_json::from_slice(&response.body).unwrap();
     assert!(!messages.is_empty());
@@ -110,7 +112,7 @@ fn perm_endpoints_refuse_bad_requests() {
         &vm.put("ext/perm.set", r#"{"view":0,"gpa":0,"size":4096}"#),
         "permissions",
     );
-    assert_refused(&vm.set(TEST_PAGE, 4096, "rwz"), "invalid JSON");
+    assert_refused(&vm.set(TEST_PAGE, 4096, "rwz"), "invalid permissions");
     assert_refused(&vm.set(TEST_PAGE + 1, 4096, "r-x"), "not page aligned");
     assert_refused(&vm.set(TEST_PAGE, 100, "r-x"), "not page aligned");
     assert_refused(&vm.set(TEST_PAGE, 0, "r-x"), "not page aligned");
@@ -243,35 +245,21 @@ fn guest_jump_into_a_non_executable_page_is_refused_and_reported() {
     assert_eq!(event["outcome"], "fault_injected", "{report}");
 }
 
-/// A VMM without page-permission support: it keeps every `perm_*` default of the trait.
+/// A VMM without page-permission support: every `ext/perm.*` request gets a 501.
 struct NoPermVmm;
 
-impl VmmBackend for NoPermVmm {
-    fn vmm_ping(&self) -> VmmPingResponse {
-        VmmPingResponse {
-            build_version: String::new(),
-            version: String::new(),
-            pid: 0,
-            features: Vec::new(),
+impl RequestHandler for NoPermVmm {
+    fn handle(&self, request: ApiRequest) -> Result<ApiResponse, ApiError> {
+        match request {
+            ApiRequest::PermCreateView(_)
+            | ApiRequest::PermSet(_)
+            | ApiRequest::PermAssign(_)
+            | ApiRequest::PermViolations
+            | ApiRequest::PermCapabilities => Err(ApiError::not_implemented(
+                "page permissions are not available in this VMM",
+            )),
+            _ => Ok(ApiResponse::Empty),
         }
-    }
-    fn vmm_shutdown(&self) -> Result<(), ApiError> {
-        Ok(())
-    }
-    fn vm_info(&self) -> Result<VmInfo, ApiError> {
-        Err(ApiError::no_vm())
-    }
-    fn vm_pause(&self) -> Result<(), ApiError> {
-        Ok(())
-    }
-    fn vm_resume(&self) -> Result<(), ApiError> {
-        Ok(())
-    }
-    fn vm_shutdown(&self) -> Result<(), ApiError> {
-        Ok(())
-    }
-    fn vm_counters(&self) -> Result<VmCounters, ApiError> {
-        Ok(VmCounters::new())
     }
 }
 

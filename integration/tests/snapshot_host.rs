@@ -7,19 +7,22 @@
 //! expected output (memory, registers and device state all continued). Without `/dev/kvm`
 //! every test prints a `SKIPPED:` line and returns.
 
+// Test fixtures unwrap: a panic is how a test fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use integration::api::{VmRestoreConfig, VmSnapshotConfig, VmState, VmmBackend};
-use integration::vmm::config::{SerialOutput, VmConfig};
-use integration::vmm::exit::ExitReason;
-use integration::vmm::slot::{SlotEvent, VmmSlot};
-use integration::vmm::snapshot::{MemoryRestoreMode, RestoreConfig, STATE_FILE};
-use integration::vmm::Vmm;
+use ext_snapshot::RestoreMode;
+use ext_vmm::config::{SerialOutput, VmConfig};
+use ext_vmm::exit::ExitReason;
+use ext_vmm::slot::{SlotEvent, VmmSlot};
+use ext_vmm::snapshot::{RestoreConfig, STATE_FILE};
+use ext_vmm::Vmm;
+use ext_vmm_api::{VmRestoreConfig, VmSnapshotConfig, VmState};
 
-mod common;
-use common::{kvm_available, wait_for};
+use ext_vmm_tests::common::{kvm_available, wait_for, Calls};
 
 /// Steps the guest makes before powering off.
 const STEPS: u32 = 60_000;
@@ -58,7 +61,7 @@ fn config(dir: &Path) -> VmConfig {
     let kernel = dir.join("vmlinux");
     std::fs::write(
         &kernel,
-        integration::test_kernel::pvh_elf(&counting_guest()),
+        ext_vmm_tests::test_kernel::pvh_elf(&counting_guest()),
     )
     .unwrap();
     let mut config = VmConfig::new(kernel);
@@ -109,7 +112,7 @@ fn run_pause_snapshot(vmm: Arc<Vmm>, at_least: u64, serial: &Path, snapshot: &Pa
 
 /// Restores `snapshot` in `mode` with the serial file cut back to `prefix`, runs the guest to
 /// its power-off and checks the whole output.
-fn restore_and_finish(snapshot: &Path, mode: MemoryRestoreMode, serial: &Path, prefix: &[u8]) {
+fn restore_and_finish(snapshot: &Path, mode: RestoreMode, serial: &Path, prefix: &[u8]) {
     std::fs::write(serial, prefix).unwrap();
     let vmm = Vmm::restore(&RestoreConfig {
         source_url: url(snapshot),
@@ -147,11 +150,7 @@ fn a_snapshotted_guest_continues_exactly_in_every_restore_mode() {
     let prefix = run_pause_snapshot(vmm.clone(), 2000, &serial, &snapshot);
     let info = vmm.vm_info().unwrap();
     assert!(info.snapshot.unwrap()["last_snapshot"]["pages"]["data"].as_u64() > Some(0));
-    for mode in [
-        MemoryRestoreMode::Copy,
-        MemoryRestoreMode::Mapped,
-        MemoryRestoreMode::OnDemand,
-    ] {
+    for mode in [RestoreMode::Eager, RestoreMode::Mapped, RestoreMode::Lazy] {
         restore_and_finish(&snapshot, mode, &serial, &prefix);
     }
 
@@ -160,7 +159,7 @@ fn a_snapshotted_guest_continues_exactly_in_every_restore_mode() {
     let restored = Arc::new(
         Vmm::restore(&RestoreConfig {
             source_url: url(&snapshot),
-            memory_restore_mode: MemoryRestoreMode::OnDemand,
+            memory_restore_mode: RestoreMode::Lazy,
             resume: false,
         })
         .unwrap(),
@@ -182,7 +181,7 @@ fn a_snapshotted_guest_continues_exactly_in_every_restore_mode() {
         data_pages(&snapshot2),
         data_pages(&snapshot)
     );
-    restore_and_finish(&snapshot2, MemoryRestoreMode::Copy, &serial, &prefix2);
+    restore_and_finish(&snapshot2, RestoreMode::Eager, &serial, &prefix2);
 }
 
 fn snapshot_of_a_paused_guest(dir: &Path) -> PathBuf {
@@ -209,8 +208,8 @@ fn damaged_snapshots_are_refused_before_a_vm_exists() {
                 resume: None,
             })
             .expect_err(what);
-        assert_eq!(error.status, 400, "{what}: {error:?}");
-        assert_eq!(slot.vm_info().unwrap_err().status, 404, "{what}");
+        assert_eq!(error.status(), 400, "{what}: {error:?}");
+        assert_eq!(slot.vm_info().unwrap_err().status(), 404, "{what}");
         error.messages.join(" ")
     };
     let state_path = snapshot.join(STATE_FILE);
@@ -261,16 +260,19 @@ fn damaged_snapshots_are_refused_before_a_vm_exists() {
     };
     slot.vm_restore(&body).unwrap();
     assert_eq!(slot.vm_info().unwrap().state, VmState::Paused);
-    assert_eq!(slot.vm_restore(&body).unwrap_err().status, 405);
+    assert_eq!(slot.vm_restore(&body).unwrap_err().status(), 405);
     let bad_mode = VmRestoreConfig {
         memory_restore_mode: Some("lazy".into()),
         ..body
     };
     assert_eq!(
-        VmmSlot::default().vm_restore(&bad_mode).unwrap_err().status,
+        VmmSlot::default()
+            .vm_restore(&bad_mode)
+            .unwrap_err()
+            .status(),
         400
     );
-    let SlotEvent::Vm(vmm) = slot.wait() else {
+    let SlotEvent::Vm(vmm) = slot.wait_next(None) else {
         panic!("the slot has no VM after a restore");
     };
     let main_loop = std::thread::spawn(move || vmm.run_until_exit());
@@ -295,7 +297,7 @@ fn a_running_vm_cannot_be_snapshotted() {
         ..Default::default()
     };
     let error = vmm.vm_snapshot(&request).unwrap_err();
-    assert_eq!(error.status, 405, "{error:?}");
+    assert_eq!(error.status(), 405, "{error:?}");
     assert!(error.messages[0].contains("Running"), "{error:?}");
     assert!(!dir.path().join("snap").exists());
     let bad_url = VmSnapshotConfig {
@@ -303,7 +305,7 @@ fn a_running_vm_cannot_be_snapshotted() {
         ..Default::default()
     };
     vmm.vm_pause().unwrap();
-    assert_eq!(vmm.vm_snapshot(&bad_url).unwrap_err().status, 400);
+    assert_eq!(vmm.vm_snapshot(&bad_url).unwrap_err().status(), 400);
     vmm.vm_shutdown().unwrap();
     main_loop.join().unwrap().unwrap();
 }
@@ -326,7 +328,6 @@ fn a_diff_snapshot_restores_through_its_chain() {
         vmm.vm_snapshot(&VmSnapshotConfig {
             destination_url: url(to),
             parent: parent.map(url),
-            ..Default::default()
         })
     };
     assert!(
@@ -335,14 +336,14 @@ fn a_diff_snapshot_restores_through_its_chain() {
     );
     vmm.vm_pause().unwrap();
     // No snapshot yet: there is no dirty log to diff with.
-    assert_eq!(snapshot(&diff, Some(&full)).unwrap_err().status, 400);
+    assert_eq!(snapshot(&diff, Some(&full)).unwrap_err().status(), 400);
     snapshot(&full, None).unwrap();
     vmm.vm_resume().unwrap();
     let at = serial_bytes(&vmm);
     assert!(wait_for(Duration::from_secs(120), || serial_bytes(&vmm) > at + 1000));
     vmm.vm_pause().unwrap();
     let elsewhere = dir.path().join("elsewhere");
-    assert_eq!(snapshot(&diff, Some(&elsewhere)).unwrap_err().status, 400);
+    assert_eq!(snapshot(&diff, Some(&elsewhere)).unwrap_err().status(), 400);
     snapshot(&diff, Some(&full)).unwrap();
     let counters = vmm.vm_counters().unwrap();
     // Only pages written since the full snapshot (the guest's counter) hold data.
@@ -357,17 +358,17 @@ fn a_diff_snapshot_restores_through_its_chain() {
 
     let mapped = Vmm::restore(&RestoreConfig {
         source_url: url(&diff),
-        memory_restore_mode: MemoryRestoreMode::Mapped,
+        memory_restore_mode: RestoreMode::Mapped,
         resume: false,
     });
     assert!(mapped.is_err(), "a diff chain restores with copy only");
-    restore_and_finish(&diff, MemoryRestoreMode::Copy, &serial, &prefix);
+    restore_and_finish(&diff, RestoreMode::Eager, &serial, &prefix);
 }
 
 #[test]
 fn vcpu_and_vm_state_round_trip_into_a_new_vm() {
-    use integration::vmm::persist::{MachineState, VcpuState};
-    use integration::vmm::vm::{configure_vcpu, create_kvm_vm};
+    use ext_vmm::persist::{MachineState, VcpuState};
+    use ext_vmm::vm::{configure_vcpu, create_kvm_vm};
     if !kvm_available("vcpu_and_vm_state_round_trip_into_a_new_vm") {
         return;
     }
@@ -432,7 +433,7 @@ mod erased {
 
 #[test]
 fn an_empty_vmm_answers_over_http_until_a_restore() {
-    use integration::api::{start_api_server, ApiClient};
+    use ext_vmm_api::{start_api_server, ApiClient};
     // No KVM needed: every request is answered before a VM would be created.
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("api.sock");
@@ -473,6 +474,6 @@ fn an_empty_vmm_answers_over_http_until_a_restore() {
     assert_eq!(no_url.status, 400);
     assert_eq!(request("GET", "vmm.ping", None).status, 200);
     assert_eq!(request("PUT", "vmm.shutdown", None).status, 204);
-    assert!(matches!(slot.wait(), SlotEvent::Exit));
+    assert!(matches!(slot.wait_next(None), SlotEvent::Exit));
     server.shutdown();
 }

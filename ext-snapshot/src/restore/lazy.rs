@@ -257,8 +257,12 @@ pub fn restore_lazy(path: &Path) -> Result<LazyRestore> {
             unmapped: false,
         });
         guest_regions.push(
-            GuestRegionMmap::new(mapping, GuestAddress(region.guest_addr))
-                .ok_or_else(|| Error::UnsupportedMemory(format!("region at {:#x} overflows the guest address space", region.guest_addr)))?,
+            GuestRegionMmap::new(mapping, GuestAddress(region.guest_addr)).ok_or_else(|| {
+                Error::UnsupportedMemory(format!(
+                    "region at {:#x} overflows the guest address space",
+                    region.guest_addr
+                ))
+            })?,
         );
     }
     let memory = GuestMemoryMmap::from_regions(guest_regions)

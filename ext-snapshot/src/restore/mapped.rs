@@ -147,7 +147,12 @@ pub fn restore_mapped(
             report.mappings += 1;
             report.mapped_bytes += span.len;
             let guest_region = GuestRegionMmap::new(mapping, GuestAddress(region.guest_addr))
-                .ok_or_else(|| Error::UnsupportedMemory(format!("region at {:#x} overflows the guest address space", region.guest_addr)))?;
+                .ok_or_else(|| {
+                    Error::UnsupportedMemory(format!(
+                        "region at {:#x} overflows the guest address space",
+                        region.guest_addr
+                    ))
+                })?;
             guest_regions.push(guest_region);
             continue;
         }
@@ -165,7 +170,12 @@ pub fn restore_mapped(
             }
         }
         let guest_region = GuestRegionMmap::new(mapping, GuestAddress(region.guest_addr))
-            .ok_or_else(|| Error::UnsupportedMemory(format!("region at {:#x} overflows the guest address space", region.guest_addr)))?;
+            .ok_or_else(|| {
+                Error::UnsupportedMemory(format!(
+                    "region at {:#x} overflows the guest address space",
+                    region.guest_addr
+                ))
+            })?;
         guest_regions.push(guest_region);
     }
     let memory = GuestMemoryMmap::from_regions(guest_regions)

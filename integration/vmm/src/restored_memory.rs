@@ -1,0 +1,159 @@
+//! Guest memory of a restored VM: filled from the snapshot's memory files in the requested
+//! mode (ext-snapshot's eager, mapped or lazy restore), and what must stay alive with it.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use ext_snapshot::restore::lazy::{restore_lazy, LazyRestore};
+use ext_snapshot::restore::mapped::{restore_mapped, MappedOptions};
+use ext_snapshot::{
+    restore_chain_eager, restore_eager, EagerOptions, PageType, SnapshotChain, SnapshotFile,
+};
+use vm_memory::{GuestMemory, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
+
+use super::checkpoint::SnapshotFigures;
+use super::config::VmConfig;
+use super::error::{Error, Result};
+use super::memory::create_guest_memory;
+use ext_snapshot::RestoreMode;
+
+/// Guest memory that came from a snapshot, and what must stay alive for it.
+pub(super) enum RestoredMemory {
+    /// Ordinary memory: booted, or restored by copy.
+    Ready,
+    /// Mapped from, or served on demand from, the memory file `source`. Pages the guest has
+    /// not touched yet are not resident, so they look never-populated to ext-snapshot's
+    /// residency check: before the first snapshot of such a VM they are faulted in
+    /// (`populated` records that it was done).
+    FromFile {
+        /// The memory file the pages come from.
+        source: PathBuf,
+        /// The userfaultfd handler of an on-demand restore, alive as long as the VMM.
+        lazy: Option<LazyRestore>,
+        /// The file's data pages were faulted in already.
+        populated: AtomicBool,
+    },
+}
+
+impl RestoredMemory {
+    /// Makes every data page of the source file resident in `memory` (once), so a snapshot
+    /// of it does not mistake untouched pages for never-populated ones.
+    pub(super) fn make_resident(&self, memory: &GuestMemoryMmap) -> Result<()> {
+        let RestoredMemory::FromFile {
+            source, populated, ..
+        } = self
+        else {
+            return Ok(());
+        };
+        if populated.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let file = SnapshotFile::open(source).map_err(Error::SnapshotMemory)?;
+        for (region, guest) in file.regions().iter().zip(memory.iter()) {
+            for run in region.runs.iter().filter(|r| r.page_type == PageType::Data) {
+                let offset = run.first_page * ext_snapshot::PAGE_SIZE;
+                let len = run.pages * ext_snapshot::PAGE_SIZE;
+                let host = guest
+                    .get_host_address(MemoryRegionAddress(offset))
+                    .map_err(|e| Error::Memory(e.to_string()))?;
+                // SAFETY: `host..host + len` lies inside the guest region's live mapping
+                // (runs are bounded by the region size, checked when the file was opened);
+                // MADV_POPULATE_READ only faults pages in, as a guest read would.
+                let rc =
+                    unsafe { libc::madvise(host.cast(), len as usize, libc::MADV_POPULATE_READ) };
+                if rc != 0 {
+                    return Err(Error::last_os(
+                        "madvise(MADV_POPULATE_READ) restored memory",
+                    ));
+                }
+            }
+        }
+        populated.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// The userfaultfd handler's live counters (on-demand restores only).
+    pub(super) fn counters(&self) -> Option<Vec<(String, u64)>> {
+        let RestoredMemory::FromFile {
+            lazy: Some(lazy), ..
+        } = self
+        else {
+            return None;
+        };
+        let stats = lazy.stats();
+        Some(vec![
+            ("faults".into(), stats.faults),
+            ("data_pages_copied".into(), stats.data_pages_copied),
+            ("zero_pages_mapped".into(), stats.zero_pages_mapped),
+            ("extents_verified".into(), stats.extents_verified),
+        ])
+    }
+}
+
+/// Fills new guest memory from the snapshot's memory files (oldest first).
+pub(super) fn restore_memory(
+    chain: &[std::path::PathBuf],
+    mode: RestoreMode,
+    config: &VmConfig,
+) -> Result<(GuestMemoryMmap, RestoredMemory, SnapshotFigures)> {
+    let eager = EagerOptions {
+        target_is_fresh: true,
+        threads: 2,
+    };
+    let mut figures = SnapshotFigures::default();
+    let started = Instant::now();
+    let [path] = chain else {
+        if mode != RestoreMode::Eager {
+            return Err(Error::Snapshot(format!(
+                "a diff snapshot ({} layers) restores with memory_restore_mode=copy only",
+                chain.len()
+            )));
+        }
+        let chain = SnapshotChain::open(chain).map_err(Error::SnapshotMemory)?;
+        let memory = create_guest_memory(config.memory_size, config.memory_shared)?;
+        let report = restore_chain_eager(&chain, &memory, eager).map_err(Error::SnapshotMemory)?;
+        figures.pages[PageType::Data as usize] = report.data_pages;
+        figures.bytes = report.data_pages * ext_snapshot::PAGE_SIZE;
+        figures.memory_seconds = started.elapsed().as_secs_f64();
+        return Ok((memory, RestoredMemory::Ready, figures));
+    };
+    let file = SnapshotFile::open(path).map_err(Error::SnapshotMemory)?;
+    figures.pages = file.pages_by_type();
+    figures.bytes = file.data_bytes();
+    drop(file);
+    if mode != RestoreMode::Eager && config.memory_shared {
+        tracing::warn!("memory_restore_mode={mode:?} gives private memory; shared=on is not kept");
+    }
+    match mode {
+        RestoreMode::Eager => {
+            let file = SnapshotFile::open(path).map_err(Error::SnapshotMemory)?;
+            let memory = create_guest_memory(config.memory_size, config.memory_shared)?;
+            restore_eager(&file, &memory, eager).map_err(Error::SnapshotMemory)?;
+            figures.memory_seconds = started.elapsed().as_secs_f64();
+            Ok((memory, RestoredMemory::Ready, figures))
+        }
+        RestoreMode::Mapped => {
+            let (memory, _report) = restore_mapped(path, MappedOptions { verify_data: true })
+                .map_err(Error::SnapshotMemory)?;
+            figures.memory_seconds = started.elapsed().as_secs_f64();
+            let restored = RestoredMemory::FromFile {
+                source: path.clone(),
+                lazy: None,
+                populated: Default::default(),
+            };
+            Ok((memory, restored, figures))
+        }
+        RestoreMode::Lazy => {
+            let lazy = restore_lazy(path).map_err(Error::SnapshotMemory)?;
+            let memory = lazy.memory().clone();
+            figures.memory_seconds = started.elapsed().as_secs_f64();
+            let restored = RestoredMemory::FromFile {
+                source: path.clone(),
+                lazy: Some(lazy),
+                populated: Default::default(),
+            };
+            Ok((memory, restored, figures))
+        }
+    }
+}
