@@ -10,11 +10,12 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The repository root: the parent of this crate's directory.
+/// The repository root: this crate lives in `integration/tests/`.
 fn repo_root() -> PathBuf {
     let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
     manifest_dir
-        .parent()
+        .ancestors()
+        .nth(2)
         .map(Path::to_path_buf)
         .unwrap_or_else(|| manifest_dir.to_path_buf())
 }
@@ -70,5 +71,12 @@ fn lab_snapshot_restore() {
 #[test]
 fn lab_snapshot_size() {
     // Two 1 GiB guests and Cloud Hypervisor's dense memory file live in L1's RAM.
-    run_scenario_with("snapshot-size", &["--memory", "4096"]);
+    // Four guests (ext-vmm and stock Cloud Hypervisor, shared=off and on), one at a time.
+    run_scenario_with("snapshot-size", &["--memory", "4096", "--timeout", "1200"]);
+}
+
+#[test]
+fn lab_ch_remote() {
+    // Cloud Hypervisor's own ch-remote drives ext-vmm (ci/lab ships the stock v53.0 client).
+    run_scenario("ch-remote");
 }
