@@ -1,6 +1,8 @@
 //! The REST-facing surface: JSON bodies in, reports out, through `PermissionControl`, plus
 //! the violation channel and the device-emulation check.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::{Harness, ModelHarness, Stop};

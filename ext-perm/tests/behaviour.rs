@@ -2,6 +2,8 @@
 //! the software model (the oracle) and on a real KVM VM with the memslot backend, and checks
 //! guest-visible results (memory, registers, where the vCPU stopped) plus the reports.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::{Harness, KvmHarness, ModelHarness, Stop};

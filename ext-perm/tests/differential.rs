@@ -2,11 +2,13 @@
 //! the software model (the oracle) and on `/dev/kvm`; the guest-visible outcome (how the
 //! vCPU stopped, RAX, RIP, the data words) must be identical.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
+use common::guest::kvm_available;
 use common::{Harness, KvmHarness, ModelHarness, Stop};
 use ext_perm::api::{AssignViewRequest, CreateViewRequest, SetPermissionsRequest};
-use ext_perm::kvm::guest::kvm_available;
 use ext_perm::{GrantPreference, ManagerConfig, Permissions, PAGE_SIZE};
 use proptest::prelude::*;
 

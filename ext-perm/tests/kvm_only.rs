@@ -2,13 +2,15 @@
 //! other vCPUs held out of guest mode during a single-step grant, and fault injection into
 //! a real guest's IDT.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::sync::{Arc, Mutex};
 
+use common::guest::STACK_TOP;
 use common::{Harness, KvmHarness, Stop};
 use ext_perm::api::SetPermissionsRequest;
-use ext_perm::kvm::guest::STACK_TOP;
 use ext_perm::kvm::{run_vcpu, VcpuStop};
 use ext_perm::{
     Decision, DenyAction, ExitHandler, GrantMethod, GrantPreference, ManagerConfig,
@@ -371,7 +373,7 @@ fn concurrent_single_step_grants_on_two_vcpus() {
 
 #[test]
 fn adopted_vmm_memslots_are_enforced() {
-    use ext_perm::kvm::guest::{kvm_available, TestGuest, GUEST_RAM_SIZE};
+    use crate::common::guest::{kvm_available, TestGuest, GUEST_RAM_SIZE};
     use ext_perm::kvm::KvmMemslotBackend;
     use ext_perm::PermissionManager;
     if !kvm_available() {

@@ -1,9 +1,23 @@
 //! Criterion benchmarks at small sizes: the zero check, the writer and the reader/restorers.
 //! `ext-snapshot bench` measures the full-size scenarios against the baselines.
 
-use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
-use ext_snapshot::bench::baseline::{dense_dump, holes_only_copy};
-use ext_snapshot::bench::workload::{fill, memfd_memory, Scenario};
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+// The baselines and workloads of `ext-snapshot bench`, compiled in from the binary's source:
+// they are not library API, and the benches must measure exactly the same code. Each bench
+// uses only part of them.
+#[allow(dead_code)]
+#[path = "../src/bin/ext-snapshot/bench/baseline.rs"]
+mod baseline;
+#[allow(dead_code)]
+#[path = "../src/bin/ext-snapshot/bench/error.rs"]
+mod error;
+#[allow(dead_code)]
+#[path = "../src/bin/ext-snapshot/bench/workload.rs"]
+mod workload;
+
+use baseline::{dense_dump, holes_only_copy};
+use criterion::{criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use ext_snapshot::restore::lazy::restore_lazy;
 use ext_snapshot::restore::mapped::{restore_mapped, MappedOptions};
 use ext_snapshot::{
@@ -11,6 +25,7 @@ use ext_snapshot::{
     SnapshotWriter, WriteOptions,
 };
 use vm_memory::GuestMemoryMmap;
+use workload::{fill, memfd_memory, Scenario};
 
 const SIZE: u64 = 64 << 20;
 
@@ -133,9 +148,13 @@ fn config() -> Criterion {
         .measurement_time(std::time::Duration::from_secs(1))
 }
 
-criterion_group! {
-    name = benches;
-    config = config();
-    targets = zero_check, writers, readers
+// In a private module: `criterion_group!` generates an undocumented `pub fn`.
+mod group {
+    use super::{config, readers, writers, zero_check};
+    criterion::criterion_group! {
+        name = benches;
+        config = config();
+        targets = zero_check, writers, readers
+    }
 }
-criterion_main!(benches);
+criterion_main!(group::benches);

@@ -13,12 +13,14 @@
 //! - restore: [`restore_eager`], [`restore_stream`], [`restore_stream_staged`],
 //!   [`restore_to_raw_file`] (the mapped and lazy modes build on [`SnapshotFile`]);
 //! - diffs: [`SnapshotChain`] (validate, resolve, restore, merge);
-//! - conversion: [`stream_to_file`], [`file_to_stream`].
+//! - conversion: [`stream_to_file`], [`file_to_stream`];
+//! - sparse files: [`sparse`] (`SEEK_DATA`/`SEEK_HOLE` extents, with a dense fallback).
+//!
+//! The default build is only what a VMM links: no command line, no benchmark code (those are
+//! the `ext-snapshot` binary's, behind the `cli` feature; see the README's "Features").
 
-#![warn(missing_docs)]
-
-pub mod bench;
 pub mod cloud_hypervisor;
+pub mod convert;
 pub mod diff;
 pub mod error;
 pub mod format;
@@ -26,19 +28,20 @@ pub mod page_type;
 pub mod reader;
 pub mod residency;
 pub mod restore;
+pub mod sparse;
 pub mod writer;
 
-pub use diff::{Segment, SnapshotChain};
+pub use convert::{file_to_stream, stream_to_file};
+pub use diff::{restore_chain_eager, Segment, SnapshotChain};
 pub use error::{Error, Result};
-pub use format::convert::{file_to_stream, stream_to_file};
 pub use format::{Extent, FileLayout, Header, ParentRef, Region, Run, SnapshotId, PAGE_SIZE};
-pub use page_type::PageType;
+pub use page_type::{is_zero_page, PageType};
 pub use reader::{SnapshotFile, StreamReader, StreamRecord};
 pub use restore::{
-    fresh_memory, restore_chain_eager, restore_eager, restore_stream, restore_stream_staged,
-    restore_to_raw_file, EagerOptions, RawLayout, RestoreMode, RestoreReport,
+    fresh_memory, restore_eager, restore_stream, restore_stream_staged, restore_to_raw_file,
+    EagerOptions, RawLayout, RestoreMode, RestoreReport,
 };
 pub use writer::{
-    is_zero_page, GfnBitmap, MemoryDirtyBitmap, PageSet, RegionBitmaps, SnapshotReport,
-    SnapshotWriter, WriteOptions,
+    GfnBitmap, MemoryDirtyBitmap, PageSet, RegionBitmaps, SnapshotReport, SnapshotWriter,
+    WriteOptions,
 };

@@ -69,6 +69,26 @@ impl std::fmt::Display for PageType {
     }
 }
 
+/// Whether a page (or any buffer) is all zero bytes.
+///
+/// Works on 256-byte blocks of `u64` words ORed together without early exit inside a block,
+/// a shape the compiler turns into wide vector loads; returns at the first non-zero block.
+pub fn is_zero_page(bytes: &[u8]) -> bool {
+    let mut blocks = bytes.chunks_exact(256);
+    for block in &mut blocks {
+        let mut acc = 0u64;
+        for word in block.chunks_exact(8) {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(word);
+            acc |= u64::from_ne_bytes(w);
+        }
+        if acc != 0 {
+            return false;
+        }
+    }
+    blocks.remainder().iter().all(|&b| b == 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

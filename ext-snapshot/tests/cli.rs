@@ -1,8 +1,9 @@
 //! The `ext-snapshot` binary, run as a user would: every subcommand on real files, exit
 //! status 0 on success, non-zero with one line on stderr otherwise.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -77,21 +78,12 @@ fn bitmap(path: &Path, pages: std::ops::Range<u64>) {
 
 fn allocated_pages(path: &Path) -> u64 {
     let file = File::open(path).unwrap();
-    let mut pages = 0;
-    let mut cursor = 0i64;
-    let len = file.metadata().unwrap().len() as i64;
-    while cursor < len {
-        // SAFETY: lseek on an open descriptor; no memory is involved.
-        let data = unsafe { libc::lseek(file.as_raw_fd(), cursor, libc::SEEK_DATA) };
-        if data < 0 {
-            break;
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(file.as_raw_fd(), data, libc::SEEK_HOLE) };
-        pages += (hole - data) as u64 / PAGE;
-        cursor = hole;
-    }
-    pages
+    let len = file.metadata().unwrap().len();
+    ext_snapshot::sparse::data_extents(&file, 0, len)
+        .unwrap()
+        .iter()
+        .map(|r| (r.end - r.start) / PAGE)
+        .sum()
 }
 
 #[test]

@@ -3,8 +3,9 @@
 //! imported and exported back; `memory-ranges` must come back byte-identical and with holes
 //! exactly where the original had them.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -148,21 +149,12 @@ fn write_fixture(dir: &Path) {
 /// `(offset, length)` of every data extent of `path`, from SEEK_DATA/SEEK_HOLE.
 fn data_map(path: &Path) -> Vec<(u64, u64)> {
     let file = File::open(path).unwrap();
-    let len = file.metadata().unwrap().len() as i64;
-    let mut extents = Vec::new();
-    let mut cursor = 0i64;
-    while cursor < len {
-        // SAFETY: lseek on an open descriptor; no memory is involved.
-        let data = unsafe { libc::lseek(file.as_raw_fd(), cursor, libc::SEEK_DATA) };
-        if data < 0 {
-            break;
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(file.as_raw_fd(), data, libc::SEEK_HOLE) };
-        extents.push((data as u64, (hole - data) as u64));
-        cursor = hole;
-    }
-    extents
+    let len = file.metadata().unwrap().len();
+    ext_snapshot::sparse::data_extents(&file, 0, len)
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.start, r.end - r.start))
+        .collect()
 }
 
 #[test]

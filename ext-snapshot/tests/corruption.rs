@@ -1,6 +1,8 @@
 //! Corruption tests: every single-byte change and every truncation of a small snapshot is
 //! rejected, in both encodings, and the target memory is untouched after each rejection.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::fs::OpenOptions;

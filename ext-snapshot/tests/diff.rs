@@ -1,5 +1,7 @@
 //! Diff snapshots: chains, merges, link validation, and holes vs written zeros.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::{anon_memory, page_bytes, read_memory, resident_pages};

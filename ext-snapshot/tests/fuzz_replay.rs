@@ -6,6 +6,8 @@
 //! `cargo test -p ext-snapshot --test fuzz_replay -- --ignored write_seed_corpus` regenerates
 //! the seeds.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 

@@ -2,6 +2,8 @@
 //! in a sparse file, restored bit-exactly by every restore mode, with one mapping per region
 //! in the mapped mode and allocated bytes about the data bytes.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::os::unix::fs::{FileExt, MetadataExt};

@@ -1,6 +1,8 @@
 //! Mapped restore on real memory: bit-identical content, copy-on-write isolation from the
 //! snapshot file, pages without data left unpopulated, corrupt data rejected before mapping.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::os::unix::fs::FileExt;
 
 use ext_snapshot::restore::mapped::{restore_mapped, MappedOptions};

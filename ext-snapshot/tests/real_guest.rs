@@ -12,10 +12,12 @@
 //! (eager, mapped, lazy, stream), and a diff after the guest "runs a bit more" restores and
 //! merges correctly. Without the image every test prints a SKIPPED line.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::FromRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -51,32 +53,14 @@ fn image(test: &str) -> Option<PathBuf> {
     }
 }
 
-/// `lseek(fd, offset, whence)`, `None` at ENXIO (no data/hole at or after `offset`).
-fn seek(file: &File, offset: u64, whence: libc::c_int) -> Option<u64> {
-    // SAFETY: lseek only reads the descriptor, which `file` keeps open.
-    let at = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, whence) };
-    if at >= 0 {
-        return Some(at as u64);
-    }
-    let error = std::io::Error::last_os_error();
-    assert_eq!(error.raw_os_error(), Some(libc::ENXIO), "lseek: {error}");
-    None
-}
-
 /// The `[start, end)` byte ranges of `file` that hold data (`SEEK_DATA`/`SEEK_HOLE`).
 fn data_extents(file: &File) -> Vec<(u64, u64)> {
     let len = file.metadata().expect("stat image").len();
-    let mut extents = Vec::new();
-    let mut at = 0;
-    while let Some(start) = seek(file, at, libc::SEEK_DATA) {
-        if start >= len {
-            break;
-        }
-        let end = seek(file, start, libc::SEEK_HOLE).unwrap_or(len).min(len);
-        extents.push((start, end));
-        at = end;
-    }
-    extents
+    ext_snapshot::sparse::data_extents(file, 0, len)
+        .expect("SEEK_DATA/SEEK_HOLE on the image")
+        .into_iter()
+        .map(|r| (r.start, r.end))
+        .collect()
 }
 
 /// The guest image: its file, length and data extents, and the page types an independent

@@ -2,6 +2,8 @@
 //! and memfd-backed memory: bit-exact content, exact page typing, and no host allocation of
 //! pages without data.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::os::unix::fs::FileExt;

@@ -99,7 +99,7 @@ fn guest(code: &[u8], pio: Bus, mmio: Bus) -> TestGuest {
         mmio: Arc::new(mmio),
         exit: exit.clone(),
         counters: Arc::new(VcpuCounters::default()),
-        perm: None,
+        interceptor: None,
     };
     TestGuest {
         _vm: vm,

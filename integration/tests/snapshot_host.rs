@@ -477,3 +477,55 @@ fn an_empty_vmm_answers_over_http_until_a_restore() {
     assert!(matches!(slot.wait_next(None), SlotEvent::Exit));
     server.shutdown();
 }
+
+#[test]
+fn an_ondemand_restore_whose_data_goes_bad_ends_the_vm_with_the_error() {
+    if !kvm_available("an_ondemand_restore_whose_data_goes_bad_ends_the_vm_with_the_error") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let serial = dir.path().join("serial.out");
+    let snapshot = dir.path().join("snap");
+    let vmm = Arc::new(Vmm::new(config(dir.path())).unwrap());
+    vmm.boot().unwrap();
+    run_pause_snapshot(vmm, 2000, &serial, &snapshot);
+
+    // Restored paused: nothing has been served yet. Then every data extent is damaged, so
+    // the first page the guest touches fails its checksum in the userfaultfd handler.
+    let restored = Vmm::restore(&RestoreConfig {
+        source_url: url(&snapshot),
+        memory_restore_mode: RestoreMode::Lazy,
+        resume: false,
+    })
+    .unwrap();
+    let memory = snapshot.join("memory.ext-snapshot");
+    let extents: Vec<_> = ext_snapshot::SnapshotFile::open(&memory)
+        .unwrap()
+        .regions()
+        .iter()
+        .flat_map(|r| r.runs.iter().filter_map(|run| run.extent))
+        .collect();
+    assert!(!extents.is_empty());
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&memory)
+        .unwrap();
+    for extent in extents {
+        std::os::unix::fs::FileExt::write_all_at(&file, &[0x5a; 8], extent.offset).unwrap();
+    }
+    drop(file);
+    let restored = Arc::new(restored);
+    let main_loop = {
+        let vmm = restored.clone();
+        std::thread::spawn(move || vmm.run_until_exit())
+    };
+    restored.resume().unwrap();
+    let reason = main_loop.join().unwrap().unwrap();
+    match reason {
+        ExitReason::Error(message) => assert!(
+            message.contains("on-demand restore failed") && message.contains("checksum"),
+            "{message}"
+        ),
+        other => panic!("the VM ended with {other:?}, not the restore's error"),
+    }
+}

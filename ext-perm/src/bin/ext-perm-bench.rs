@@ -9,11 +9,16 @@
 //! its cost is the sample minus the set-registers overhead). Medians of `--iterations`
 //! samples; the 99th percentile is printed too, because memslot updates have a long tail.
 
+// The hand-built guest of the KVM tests: a test fixture, compiled in rather than exported by
+// the library. The benchmark uses only part of it.
+#[allow(dead_code)]
+#[path = "../../tests/common/guest.rs"]
+mod guest;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use ext_perm::kvm::guest::{kvm_available, TestGuest, STACK_TOP};
 use ext_perm::kvm::{run_vcpu, KvmMemslotBackend, KvmVcpu, VcpuStop};
 use ext_perm::{
     Decision, ExitHandler, GrantPreference, ManagerConfig, PermissionExit, PermissionManager,
@@ -21,6 +26,8 @@ use ext_perm::{
 };
 use kvm_bindings::kvm_userspace_memory_region;
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap};
+
+use guest::{kvm_available, TestGuest, STACK_TOP};
 
 const OUT_PAGE: u64 = 0x10000;
 const OUT_LOOP: u64 = 0x10080;

@@ -1,10 +1,8 @@
-//! KVM implementations: the memslot backend, the capability probe, the vCPU adapter, a
-//! reference exit loop, and a minimal hand-built long-mode guest used by the tests and the
-//! benchmark.
+//! KVM implementations: the memslot backend, the capability probe, the vCPU adapter and a
+//! reference exit loop. (The hand-built test guest is the tests' own: `tests/common/guest.rs`.)
 
 mod caps;
 mod exit_loop;
-pub mod guest;
 mod memslots;
 mod vcpu;
 

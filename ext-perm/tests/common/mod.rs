@@ -5,13 +5,15 @@
 
 use std::sync::Arc;
 
-use ext_perm::kvm::guest::{kvm_available, TestGuest, GUEST_RAM_SIZE, STACK_TOP};
+pub mod guest;
+
 use ext_perm::kvm::{run_vcpu, KvmMemslotBackend, VcpuStop};
 use ext_perm::model::{ram_gfns, ModelStop, ModelVcpu, SoftwareModel};
 use ext_perm::{
     EnforcementBackend, ExitHandler, ManagerConfig, PermissionControl, PermissionManager,
     Registers, RunGate,
 };
+use guest::{kvm_available, TestGuest, GUEST_RAM_SIZE, STACK_TOP};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// How a guest run ended, in terms both backends share.

@@ -7,69 +7,16 @@
 //! export can reproduce the file with its holes where they were.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use super::layout::MemoryLayout;
 use super::ChError;
+use crate::sparse::data_extents;
 
 /// Copy granularity: large enough to amortize syscalls, small enough to stay in cache.
 const CHUNK: usize = 1 << 20;
-
-/// Data extents of `[start, start + len)` of `file` as `(offset, length)` pairs.
-///
-/// Holes are found with `SEEK_DATA`/`SEEK_HOLE`; on a filesystem without them the whole window
-/// is one data extent (the dense reading is always correct, only less sparse).
-pub fn data_extents(file: &File, start: u64, len: u64) -> Result<Vec<(u64, u64)>, ChError> {
-    let end = start + len;
-    let mut extents = Vec::new();
-    let mut cursor = start;
-    while cursor < end {
-        let data = match seek(file, cursor, libc::SEEK_DATA) {
-            Ok(Some(offset)) => offset,
-            Ok(None) => break,
-            Err(error) if extents.is_empty() && cursor == start && unsupported(&error) => {
-                return Ok(vec![(start, len)]);
-            }
-            Err(error) => return Err(ChError::Io("seeking data in memory-ranges", error)),
-        };
-        if data >= end {
-            break;
-        }
-        let hole = seek(file, data, libc::SEEK_HOLE)
-            .map_err(|e| ChError::Io("seeking a hole in memory-ranges", e))?
-            .unwrap_or(end)
-            .min(end);
-        extents.push((data, hole - data));
-        cursor = hole;
-    }
-    Ok(extents)
-}
-
-fn unsupported(error: &std::io::Error) -> bool {
-    matches!(
-        error.raw_os_error(),
-        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP)
-    )
-}
-
-/// `Ok(None)` means ENXIO: nothing of the asked kind at or after `offset`.
-fn seek(file: &File, offset: u64, whence: libc::c_int) -> std::io::Result<Option<u64>> {
-    let offset =
-        i64::try_from(offset).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: lseek on a descriptor the borrowed `File` keeps open; it touches no memory.
-    let result = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
-    if result < 0 {
-        let error = std::io::Error::last_os_error();
-        if error.raw_os_error() == Some(libc::ENXIO) {
-            return Ok(None);
-        }
-        return Err(error);
-    }
-    Ok(Some(result as u64))
-}
 
 /// Copies the data extents of `memory-ranges` into `memory` at their guest addresses and
 /// returns how many bytes were copied.
@@ -95,7 +42,10 @@ pub fn load_into<M: GuestMemory>(
     let mut buffer = vec![0u8; CHUNK];
     let mut copied = 0u64;
     for (range, offset) in layout.ranges.iter().zip(layout.file_offsets()) {
-        for (data, length) in data_extents(file, offset, range.length)? {
+        let extents = data_extents(file, offset, range.length)
+            .map_err(|e| ChError::Io("finding the data extents of memory-ranges", e))?;
+        for extent in extents {
+            let (data, length) = (extent.start, extent.end - extent.start);
             let mut done = 0u64;
             while done < length {
                 let count = (length - done).min(CHUNK as u64) as usize;

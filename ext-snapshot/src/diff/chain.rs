@@ -6,19 +6,7 @@ use crate::error::{Error, Result};
 use crate::format::{Region, PAGE_SIZE};
 use crate::page_type::PageType;
 use crate::reader::SnapshotFile;
-
-/// A page range of a resolved chain: its final type and, for data, where the bytes are.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Segment {
-    /// Final type of the pages (`SameAsParent` only if the chain's base is itself a diff).
-    pub page_type: PageType,
-    /// First page, counted from the start of the region.
-    pub first_page: u64,
-    /// Number of pages.
-    pub pages: u64,
-    /// For data: index of the layer in the chain and file offset of the first page's bytes.
-    pub source: Option<(usize, u64)>,
-}
+use crate::restore::segment::{base_segments, push_segment, Segment};
 
 /// A base snapshot followed by zero or more diffs, validated as a chain.
 #[derive(Debug)]
@@ -106,39 +94,6 @@ impl SnapshotChain {
         }
         resolved
     }
-}
-
-pub(crate) fn base_segments(region: &Region) -> Vec<Segment> {
-    let mut out = Vec::with_capacity(region.runs.len());
-    for run in &region.runs {
-        push_segment(
-            &mut out,
-            Segment {
-                page_type: run.page_type,
-                first_page: run.first_page,
-                pages: run.pages,
-                source: run.extent.map(|e| (0, e.offset)),
-            },
-        );
-    }
-    out
-}
-
-/// Appends `s`, merging it into the last segment when they continue each other.
-pub(crate) fn push_segment(out: &mut Vec<Segment>, s: Segment) {
-    if let Some(last) = out.last_mut() {
-        let continues = last.page_type == s.page_type
-            && match (last.source, s.source) {
-                (None, None) => true,
-                (Some((l1, o1)), Some((l2, o2))) => l1 == l2 && o1 + last.pages * PAGE_SIZE == o2,
-                _ => false,
-            };
-        if continues {
-            last.pages += s.pages;
-            return;
-        }
-    }
-    out.push(s);
 }
 
 /// Lays the runs of `diff` (layer `layer`) over `below`; both cover the same region.

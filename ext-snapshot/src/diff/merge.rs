@@ -8,12 +8,13 @@ use std::time::Instant;
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestMemory, GuestRegionMmap};
 
-use super::chain::{Segment, SnapshotChain};
+use super::chain::SnapshotChain;
 use crate::error::{Error, Result};
+use crate::format::count_pages;
 use crate::format::{Header, Region, SnapshotId, PAGE_SIZE, VERSION};
 use crate::reader::SnapshotFile;
-use crate::restore::{EagerOptions, RawLayout, RestoreReport};
-use crate::writer::{count_pages, DataSource, SnapshotReport, WriteOptions};
+use crate::restore::{EagerOptions, RawLayout, RestoreReport, Segment};
+use crate::writer::{DataSource, SnapshotReport, WriteOptions};
 
 /// Reads resolved data page ranges out of the chain's layers.
 struct ChainSource<'c> {
@@ -56,6 +57,22 @@ impl DataSource for ChainSource<'_> {
         }
         f(scratch)
     }
+}
+
+/// Restores a chain (base and diffs) into `mem`, page by page from the newest layer that has
+/// the page. Same guarantees as [`restore_eager`](crate::restore_eager); every layer is
+/// verified before the first write.
+pub fn restore_chain_eager<M, B>(
+    chain: &SnapshotChain,
+    mem: &M,
+    options: EagerOptions,
+) -> Result<RestoreReport>
+where
+    M: GuestMemory<R = GuestRegionMmap<B>>,
+    B: Bitmap + Sync,
+{
+    let layers: Vec<&SnapshotFile> = chain.layers().iter().collect();
+    crate::restore::restore_segments(&layers, &chain.resolve(), mem, options)
 }
 
 impl SnapshotChain {
@@ -109,13 +126,13 @@ impl SnapshotChain {
         })
     }
 
-    /// Eager restore of the whole chain; see [`crate::restore_chain_eager`].
+    /// Eager restore of the whole chain; see [`restore_chain_eager`].
     pub fn restore_eager<M, B>(&self, mem: &M, options: EagerOptions) -> Result<RestoreReport>
     where
         M: GuestMemory<R = GuestRegionMmap<B>>,
         B: Bitmap + Sync,
     {
-        crate::restore::restore_chain_eager(self, mem, options)
+        restore_chain_eager(self, mem, options)
     }
 
     /// Writes the chain's memory as a sparse raw file; see [`crate::restore_to_raw_file`].

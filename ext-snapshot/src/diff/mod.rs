@@ -10,15 +10,7 @@
 mod chain;
 mod merge;
 
-pub use chain::{Segment, SnapshotChain};
-
-use crate::reader::SnapshotFile;
-
-/// The segments of a single snapshot, region by region (a chain of one).
-pub(crate) fn single_segments(snapshot: &SnapshotFile) -> Vec<Vec<Segment>> {
-    snapshot
-        .regions()
-        .iter()
-        .map(chain::base_segments)
-        .collect()
-}
+pub use chain::SnapshotChain;
+pub use merge::restore_chain_eager;
+// Defined by `restore`, which consumes segments; a chain produces them.
+pub use crate::restore::Segment;

@@ -6,7 +6,6 @@
 //! encoding sends the same runs as sequential records.
 
 pub mod checksum;
-pub mod convert;
 pub mod file;
 pub mod stream;
 
@@ -161,6 +160,15 @@ impl Region {
     pub fn pages(&self) -> u64 {
         self.size / PAGE_SIZE
     }
+}
+
+/// Counts pages per type over a region list.
+pub(crate) fn count_pages(regions: &[Region]) -> [u64; 5] {
+    let mut counts = [0u64; 5];
+    for run in regions.iter().flat_map(|r| &r.runs) {
+        counts[run.page_type as usize] += run.pages;
+    }
+    counts
 }
 
 /// Checks a region layout: page aligned, non-empty, sorted, non-overlapping, no overflow.

@@ -5,14 +5,15 @@
 //! them to the guest as the contents of its non-data pages. [`check_zero_outside_extents`]
 //! closes that gap for the callers that verify data (`SnapshotFile::verify_data`, hence every
 //! eager restore and `MappedOptions::verify_data`): it walks the file's allocated ranges with
-//! `SEEK_DATA`/`SEEK_HOLE` (the dense fallback of [`data_extents`] reads everything on a
-//! filesystem without them) and reads only the allocated bytes that no extent covers.
+//! `SEEK_DATA`/`SEEK_HOLE` ([`crate::sparse::data_extents`], whose dense fallback reads
+//! everything on a filesystem without them) and reads only the allocated bytes that no extent covers.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
-use crate::cloud_hypervisor::memory_ranges::data_extents;
 use crate::error::{Error, Result};
+use crate::page_type::is_zero_page;
+use crate::sparse::data_extents;
 
 /// Bytes read at once while checking allocated gaps.
 const READ_CHUNK: u64 = 1 << 20;
@@ -26,16 +27,12 @@ pub(crate) fn check_zero_outside_extents(
     end: u64,
     extents: &[(u64, u64)],
 ) -> Result<()> {
-    let allocated = data_extents(file, start, end.saturating_sub(start)).map_err(|e| {
-        Error::io(
-            "finding the holes of the data area",
-            std::io::Error::other(e.to_string()),
-        )
-    })?;
+    let allocated = data_extents(file, start, end.saturating_sub(start))
+        .map_err(|e| Error::io("finding the holes of the data area", e))?;
     let mut buffer = Vec::new();
-    for (offset, len) in allocated {
-        let stop = offset.saturating_add(len).min(end);
-        let mut at = offset;
+    for extent in allocated {
+        let stop = extent.end.min(end);
+        let mut at = extent.start;
         while at < stop {
             // The first extent that ends after `at`.
             let i = extents.partition_point(|&(o, l)| o + l <= at);
@@ -58,7 +55,7 @@ fn check_zero(file: &File, mut at: u64, end: u64, buffer: &mut Vec<u8>) -> Resul
         buffer.resize(count, 0);
         file.read_exact_at(buffer, at)
             .map_err(|e| Error::read(format!("reading the data area at {at:#x}"), e))?;
-        if !crate::writer::is_zero_page(buffer) {
+        if !is_zero_page(buffer) {
             return Err(Error::Inconsistent(format!(
                 "non-zero bytes in [{at:#x}, {:#x}), outside every data extent of a \
                  guest-offset layout",

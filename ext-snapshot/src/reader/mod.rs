@@ -100,7 +100,7 @@ impl SnapshotFile {
 
     /// Pages of each type, indexed by `PageType as usize`.
     pub fn pages_by_type(&self) -> [u64; 5] {
-        crate::writer::count_pages(&self.regions)
+        crate::format::count_pages(&self.regions)
     }
 
     /// Bytes of stored page data.

@@ -7,7 +7,6 @@
 //! anonymous memory has no reliable residency source and is read in full.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 use vm_memory::bitmap::Bitmap;
@@ -15,6 +14,7 @@ use vm_memory::{GuestMemoryRegion, GuestRegionMmap};
 
 use crate::error::{Error, Result};
 use crate::format::PAGE_SIZE;
+use crate::sparse;
 
 const PAGEMAP_PRESENT: u64 = 1 << 63;
 const PAGEMAP_SWAPPED: u64 = 1 << 62;
@@ -109,56 +109,19 @@ impl Residency {
     }
 }
 
-/// `lseek` with `SEEK_DATA`/`SEEK_HOLE`: `Ok(None)` when there is no data (or hole) at or
-/// after `offset` (ENXIO), `Err` on any other failure (e.g. a filesystem without support).
-fn seek(file: &File, offset: u64, whence: libc::c_int) -> Result<Option<u64>> {
-    let off = libc::off_t::try_from(offset)
-        .map_err(|_| Error::UnsupportedMemory(format!("file offset {offset:#x} too large")))?;
-    // SAFETY: lseek on a valid, open descriptor has no memory effects; SEEK_DATA/SEEK_HOLE use
-    // the given offset, not the shared file position, so concurrent callers get correct answers.
-    let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
-    if r < 0 {
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::ENXIO) {
-            return Ok(None);
-        }
-        return Err(Error::io(
-            "lseek SEEK_DATA/SEEK_HOLE on guest memory file",
-            err,
-        ));
-    }
-    Ok(Some(r as u64))
-}
-
 /// The page ranges of `[start, start + pages * PAGE_SIZE)` of `file` that hold data, relative
-/// to `start`, in order.
+/// to `start`, in order. Extents are rounded outward to whole pages; on a filesystem without
+/// `SEEK_DATA` every page counts as populated (read and zero-checked), as a dense copy would.
 fn file_data_ranges(file: &File, start: u64, pages: u64) -> Result<Vec<(u64, u64)>> {
-    let end = start + pages * PAGE_SIZE;
-    let mut ranges = Vec::new();
-    let mut pos = start;
-    while pos < end {
-        let data = match seek(file, pos, libc::SEEK_DATA) {
-            Ok(Some(data)) => data,
-            Ok(None) => break,
-            // A filesystem without SEEK_DATA support: every page counts as populated (read
-            // and zero-checked), as a dense copy would.
-            Err(Error::Io { source, .. })
-                if pos == start
-                    && matches!(source.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) =>
-            {
-                return Ok(vec![(0, pages)]);
-            }
-            Err(e) => return Err(e),
-        };
-        if data >= end {
-            break;
-        }
-        let hole = seek(file, data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
-        ranges.push((
-            (data - start) / PAGE_SIZE,
-            (hole - start).div_ceil(PAGE_SIZE),
-        ));
-        pos = hole.max(data + 1);
-    }
-    Ok(ranges)
+    let extents = sparse::data_extents(file, start, pages * PAGE_SIZE)
+        .map_err(|e| Error::io("lseek SEEK_DATA/SEEK_HOLE on guest memory file", e))?;
+    Ok(extents
+        .into_iter()
+        .map(|r| {
+            (
+                (r.start - start) / PAGE_SIZE,
+                (r.end - start).div_ceil(PAGE_SIZE),
+            )
+        })
+        .collect())
 }

@@ -10,9 +10,9 @@ use std::time::Instant;
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestMemory, GuestRegionMmap};
 
+use super::segment::{single_segments, Segment};
 use super::target::Target;
 use super::{EagerOptions, RestoreReport};
-use crate::diff::{Segment, SnapshotChain};
 use crate::error::{Error, Result};
 use crate::format::{MAX_DATA_RUN_PAGES, PAGE_SIZE};
 use crate::page_type::PageType;
@@ -34,27 +34,14 @@ where
     M: GuestMemory<R = GuestRegionMmap<B>>,
     B: Bitmap + Sync,
 {
-    let segments = crate::diff::single_segments(snapshot);
+    let segments = single_segments(snapshot);
     restore_segments(&[snapshot], &segments, mem, options)
 }
 
-/// Restores a chain (base and diffs) into `mem`, page by page from the newest layer that has
-/// the page. Same guarantees as [`restore_eager`]; every layer is verified before the first
+/// Restores resolved `segments` (sources indexing `layers`) into `mem`: the common part of
+/// [`restore_eager`] and the chain's eager restore. Verifies every layer before the first
 /// write.
-pub fn restore_chain_eager<M, B>(
-    chain: &SnapshotChain,
-    mem: &M,
-    options: EagerOptions,
-) -> Result<RestoreReport>
-where
-    M: GuestMemory<R = GuestRegionMmap<B>>,
-    B: Bitmap + Sync,
-{
-    let layers: Vec<&SnapshotFile> = chain.layers().iter().collect();
-    restore_segments(&layers, &chain.resolve(), mem, options)
-}
-
-fn restore_segments<M, B>(
+pub(crate) fn restore_segments<M, B>(
     layers: &[&SnapshotFile],
     segments: &[Vec<Segment>],
     mem: &M,
@@ -169,7 +156,7 @@ pub enum RawLayout {
 }
 
 /// Writes the memory of a standalone snapshot (or of a resolved chain, see
-/// [`SnapshotChain::restore_to_raw_file`]) into `out` as a sparse raw file: `out` is truncated,
+/// `SnapshotChain::restore_to_raw_file`) into `out` as a sparse raw file: `out` is truncated,
 /// sized, and only data pages are written, so every other page is a hole. Validates all data
 /// first; `Err` before the first write leaves `out` untouched.
 pub fn restore_to_raw_file(
@@ -177,7 +164,7 @@ pub fn restore_to_raw_file(
     out: &File,
     layout: RawLayout,
 ) -> Result<RestoreReport> {
-    let segments = crate::diff::single_segments(snapshot);
+    let segments = single_segments(snapshot);
     raw_from_segments(&[snapshot], &segments, out, layout)
 }
 
@@ -302,7 +289,7 @@ where
 }
 
 /// Restores a stream all-or-nothing: spools it into a snapshot file at `spool` (validated
-/// completely, see [`crate::stream_to_file`]), restores that file with [`restore_eager`] and
+/// completely, see [`crate::convert::stream_to_file`]), restores that file with [`restore_eager`] and
 /// removes it. `Err` leaves `mem` untouched. Costs spool disk space equal to the file size.
 pub fn restore_stream_staged<R, M, B>(
     input: R,
@@ -316,7 +303,7 @@ where
     B: Bitmap + Sync,
 {
     let start = Instant::now();
-    crate::format::convert::stream_to_file(input, spool, Default::default())?;
+    crate::convert::stream_to_file(input, spool, Default::default())?;
     let result = SnapshotFile::open(spool).and_then(|s| restore_eager(&s, mem, options));
     // The spool is ours; failing to remove it must not hide the restore's outcome.
     let _ = std::fs::remove_file(spool);

@@ -15,16 +15,24 @@
 //! Pages the guest later discards (`MADV_DONTNEED`/`MADV_REMOVE` by a balloon) are reported as
 //! remove events and served as zero from then on, never as stale snapshot data. The handler
 //! stops by itself when the last clone of the guest memory is dropped: `vm-memory` unmaps the
-//! regions and the handler receives the unmap events. If the handler stops early (an I/O error
-//! or a corrupt extent), it closes the userfaultfd, which wakes every blocked fault so no thread
-//! hangs; the error is kept for [`LazyRestore::finish`] and [`LazyRestore::failure`].
+//! regions and the handler receives the unmap events.
+//!
+//! If the handler fails (an I/O error, a corrupt extent) or panics, the page it was serving
+//! stays unresolved and no other fault is answered: a guest never reads zeros where its data
+//! was. The handler records the error ([`LazyRestore::failure`], [`LazyRestore::finish`]) and
+//! calls the caller's failure hook ([`restore_lazy_with_hook`]), with which a VMM ends the VM
+//! with that error. Only once the caller drops the [`LazyRestore`] (or after
+//! [`FAILURE_GRACE`], so that threads blocked in faults cannot hang a VMM that is stopping
+//! them) does it close the userfaultfd, which wakes every blocked fault.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use userfaultfd::{Event, FeatureFlags, IoctlFlags, Uffd, UffdBuilder};
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
@@ -71,12 +79,21 @@ impl LazyCounters {
     }
 }
 
+/// How long a failed handler keeps faults blocked while its caller stops the threads that
+/// touch guest memory; after that it closes the userfaultfd so none of them hangs.
+pub const FAILURE_GRACE: Duration = Duration::from_secs(2);
+
+/// Called once, from the handler thread, with the error when the handler fails or panics.
+pub type FailureHook = Box<dyn FnOnce(&str) + Send>;
+
 /// Guest memory being restored lazily, and the handler thread serving it.
 pub struct LazyRestore {
     memory: Option<GuestMemoryMmap>,
     handler: Option<JoinHandle<()>>,
     counters: Arc<LazyCounters>,
     failure: Arc<Mutex<Option<String>>>,
+    /// Set when this handle goes away: a failed handler may close the userfaultfd.
+    released: Arc<(Mutex<bool>, Condvar)>,
 }
 
 impl LazyRestore {
@@ -103,6 +120,7 @@ impl LazyRestore {
     /// every clone of the memory is gone. Returns the final counters, or the handler's failure.
     pub fn finish(mut self) -> Result<LazyStats> {
         drop(self.memory.take());
+        self.release();
         if let Some(handler) = self.handler.take() {
             handler
                 .join()
@@ -117,11 +135,20 @@ impl LazyRestore {
     }
 }
 
+impl LazyRestore {
+    fn release(&self) {
+        let (released, changed) = &*self.released;
+        *released.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        changed.notify_all();
+    }
+}
+
 impl Drop for LazyRestore {
     fn drop(&mut self) {
         // Dropping the memory unmaps it unless clones live on; the handler exits on its own
         // once the last region is unmapped, so it is not joined here (that could block).
         drop(self.memory.take());
+        self.release();
     }
 }
 
@@ -213,6 +240,12 @@ fn set_bits(bits: &mut [u64], first: u64, count: u64) {
 /// Restores the snapshot file at `path` lazily. The snapshot's structure is validated before
 /// any memory is created; data extents are verified when first used.
 pub fn restore_lazy(path: &Path) -> Result<LazyRestore> {
+    restore_lazy_with_hook(path, Box::new(|_| {}))
+}
+
+/// [`restore_lazy`], calling `on_failure` (once, from the handler thread) if the handler
+/// fails or panics later, so that the caller can stop whatever runs on the memory.
+pub fn restore_lazy_with_hook(path: &Path, on_failure: FailureHook) -> Result<LazyRestore> {
     let snapshot = SnapshotFile::open(path)?;
     if snapshot.is_diff()
         || snapshot
@@ -277,16 +310,35 @@ pub fn restore_lazy(path: &Path) -> Result<LazyRestore> {
         counters: Arc::clone(&counters),
     };
     let thread_failure = Arc::clone(&failure);
+    let released = Arc::new((Mutex::new(false), Condvar::new()));
+    let thread_released = Arc::clone(&released);
     let thread = std::thread::Builder::new()
         .name("snapshot-lazy".into())
         .spawn(move || {
-            if let Err(error) = handler.run() {
-                if let Ok(mut slot) = thread_failure.lock() {
-                    *slot = Some(error.to_string());
-                }
+            let outcome = panic::catch_unwind(AssertUnwindSafe(|| handler.run()));
+            let error = match outcome {
+                Ok(Ok(())) => return,
+                Ok(Err(error)) => error.to_string(),
+                Err(panic) => format!(
+                    "the handler panicked: {}",
+                    panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default()
+                ),
+            };
+            if let Ok(mut slot) = thread_failure.lock() {
+                *slot = Some(error.clone());
             }
-            // Dropping the handler closes the userfaultfd: the kernel wakes every pending
-            // fault and resolves later ones as ordinary anonymous memory, so nothing hangs.
+            on_failure(&error);
+            // Faults stay blocked (the guest reads nothing it should not) until the caller
+            // lets go or the grace time is up; then dropping the handler closes the
+            // userfaultfd, which wakes every pending fault.
+            let (lock, changed) = &*thread_released;
+            let released = lock.lock().unwrap_or_else(|p| p.into_inner());
+            let _wait = changed.wait_timeout_while(released, FAILURE_GRACE, |released| !*released);
+            drop(handler);
         })
         .map_err(|e| Error::io("spawning the lazy restore handler", e))?;
     Ok(LazyRestore {
@@ -294,6 +346,7 @@ pub fn restore_lazy(path: &Path) -> Result<LazyRestore> {
         handler: Some(thread),
         counters,
         failure,
+        released,
     })
 }
 

@@ -7,14 +7,15 @@
 mod eager;
 pub mod lazy;
 pub mod mapped;
+pub(crate) mod segment;
 mod target;
 
-pub(crate) use eager::raw_from_segments;
+pub(crate) use eager::{raw_from_segments, restore_segments};
 
 pub use eager::{
-    restore_chain_eager, restore_eager, restore_stream, restore_stream_staged, restore_to_raw_file,
-    RawLayout,
+    restore_eager, restore_stream, restore_stream_staged, restore_to_raw_file, RawLayout,
 };
+pub use segment::Segment;
 
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 

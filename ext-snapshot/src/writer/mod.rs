@@ -15,8 +15,8 @@ pub(crate) mod scan;
 pub(crate) mod to_file;
 mod to_stream;
 
+pub use crate::page_type::is_zero_page;
 pub use page_set::{GfnBitmap, MemoryDirtyBitmap, PageSet, RegionBitmaps};
-pub use scan::is_zero_page;
 
 pub(crate) use scan::push_run;
 pub(crate) use to_file::{write_file as write_file_from, TempOutput};
@@ -29,7 +29,7 @@ use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestMemory, GuestMemoryRegion, GuestRegionMmap};
 
 use crate::error::{Error, Result};
-use crate::format::{FileLayout, Header, ParentRef, Region, SnapshotId, PAGE_SIZE, VERSION};
+use crate::format::{count_pages, FileLayout, Header, ParentRef, SnapshotId, PAGE_SIZE, VERSION};
 use crate::page_type::PageType;
 use crate::reader::SnapshotFile;
 
@@ -86,15 +86,6 @@ impl SnapshotReport {
     pub fn total_pages(&self) -> u64 {
         self.pages_by_type.iter().sum()
     }
-}
-
-/// Counts pages per type over a region list.
-pub(crate) fn count_pages(regions: &[Region]) -> [u64; 5] {
-    let mut counts = [0u64; 5];
-    for run in regions.iter().flat_map(|r| &r.runs) {
-        counts[run.page_type as usize] += run.pages;
-    }
-    counts
 }
 
 /// Supplies the bytes of data runs to the encoders.

@@ -9,7 +9,7 @@ use vm_memory::{GuestMemoryRegion, GuestRegionMmap};
 use super::{DataSource, PageSet};
 use crate::error::{Error, Result};
 use crate::format::{Region, Run, MAX_DATA_RUN_PAGES, PAGE_SIZE};
-use crate::page_type::PageType;
+use crate::page_type::{is_zero_page, PageType};
 use crate::residency::Residency;
 
 /// Pages typed per work item: large enough to amortise a pagemap read, small enough to
@@ -18,26 +18,6 @@ const CHUNK_PAGES: u64 = 8192;
 
 /// The runs found in one chunk, in page order.
 pub(crate) type ChunkRuns = Vec<ChunkRun>;
-
-/// Whether a page (or any buffer) is all zero bytes.
-///
-/// Works on 256-byte blocks of `u64` words ORed together without early exit inside a block,
-/// a shape the compiler turns into wide vector loads; returns at the first non-zero block.
-pub fn is_zero_page(bytes: &[u8]) -> bool {
-    let mut blocks = bytes.chunks_exact(256);
-    for block in &mut blocks {
-        let mut acc = 0u64;
-        for word in block.chunks_exact(8) {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(word);
-            acc |= u64::from_ne_bytes(w);
-        }
-        if acc != 0 {
-            return false;
-        }
-    }
-    blocks.remainder().iter().all(|&b| b == 0)
-}
 
 /// Guest memory regions seen as byte ranges.
 pub(crate) struct MemorySource<'m, B: Bitmap> {

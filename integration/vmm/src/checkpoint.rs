@@ -11,6 +11,7 @@ use kvm_ioctls::Kvm;
 use vm_memory::{Address, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 
 use super::error::{Error, Result};
+use super::figures::SnapshotFigures;
 use super::memory::{enable_dirty_logging, take_dirty_logs};
 use super::persist::{MachineState, VcpuState};
 use super::restored_memory::restore_memory;
@@ -19,56 +20,6 @@ use super::vcpu::{self, Vcpu};
 use super::vm::Vm;
 use super::Vmm;
 use ext_vmm_api::{VmSnapshotConfig, VmState};
-
-/// What the last snapshot or restore of this VMM did, for `vm.info` and `vm.counters`.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct SnapshotFigures {
-    /// Pages by type (`unpopulated`, `invalid`, `zero`, `data`, `same_as_parent`).
-    pub pages: [u64; 5],
-    /// Bytes of the memory file (snapshot) or of data copied/mapped (restore).
-    pub bytes: u64,
-    /// Bytes the filesystem allocated for the memory file (snapshot only).
-    pub allocated_bytes: u64,
-    /// Seconds ext-snapshot spent on the memory file (typing and writing, or restoring).
-    pub memory_seconds: f64,
-    /// Wall-clock seconds of the whole operation (vCPU and device state included).
-    pub seconds: f64,
-}
-
-impl SnapshotFigures {
-    /// Name/value pairs for `vm.counters` (seconds in microseconds, counters are integers).
-    pub fn counters(&self) -> Vec<(String, u64)> {
-        let mut out: Vec<(String, u64)> = PAGE_TYPE_NAMES
-            .iter()
-            .zip(self.pages)
-            .map(|(name, pages)| (format!("{name}_pages"), pages))
-            .collect();
-        out.push(("bytes".into(), self.bytes));
-        out.push(("allocated_bytes".into(), self.allocated_bytes));
-        out.push(("memory_micros".into(), (self.memory_seconds * 1e6) as u64));
-        out.push(("micros".into(), (self.seconds * 1e6) as u64));
-        out
-    }
-
-    /// The figures as JSON for `vm.info`.
-    pub fn to_json(&self) -> serde_json::Value {
-        let pages: serde_json::Map<String, serde_json::Value> = PAGE_TYPE_NAMES
-            .iter()
-            .zip(self.pages)
-            .map(|(name, pages)| (name.to_string(), pages.into()))
-            .collect();
-        serde_json::json!({
-            "pages": pages,
-            "bytes": self.bytes,
-            "allocated_bytes": self.allocated_bytes,
-            "memory_seconds": self.memory_seconds,
-            "seconds": self.seconds,
-        })
-    }
-}
-
-/// Page type names in `PageType as usize` order.
-const PAGE_TYPE_NAMES: [&str; 5] = ["unpopulated", "invalid", "zero", "data", "same_as_parent"];
 
 /// KVM dirty logging for diff snapshots. Logging starts with the first snapshot the VM takes
 /// (or when it is restored), not at boot: a VM that is never snapshotted pays nothing, and
@@ -260,6 +211,7 @@ impl Vmm {
             restore_memory(&loaded.memory_chain, restore.memory_restore_mode, &config)?;
         vcpu::register_kick_handler()?;
         let vm = Vm::restore(&config, memory, &loaded.state)?;
+        restored.attach_exit(&vm.exit);
         let vmm = Vmm::from_vm(config, vm, restored);
         vmm.boot_paused()?;
         vmm.track_dirty_pages_from(loaded.dir.path())?;

@@ -11,6 +11,7 @@ pub mod cpu;
 pub mod devices;
 pub mod error;
 pub mod exit;
+pub mod figures;
 pub mod layout;
 pub mod memory;
 pub mod options;
@@ -30,7 +31,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 
-use checkpoint::{DirtyTracking, SnapshotFigures};
+use checkpoint::DirtyTracking;
 use config::{SerialOutput, VmConfig};
 use devices::serial::{SerialCounters, SerialInput};
 use error::{Error, Result};
@@ -39,6 +40,7 @@ use ext_vmm_api::{
     ApiError, ApiRequest, ApiResponse, ErrorKind, RequestHandler, VmCounters, VmInfo, VmState,
     VmmPingResponse,
 };
+use figures::SnapshotFigures;
 use restored_memory::RestoredMemory;
 use vcpu::{VcpuControl, VcpuCounters, VcpuHandle};
 use vm::{VirtioSlot, Vm};

@@ -2,14 +2,14 @@
 //!
 //! [`PermHook::attach`] hands the RAM memslots `register_memory` created over to ext-perm's
 //! KVM memslot backend (`KvmMemslotBackend::adopt`), so every protection set through the API
-//! is a real memslot change (read-only slot, or no slot). Each vCPU thread then
-//! - brackets `KVM_RUN` with [`PermHook::enter`]/[`PermHook::leave`] (ext-perm's `RunGate`,
-//!   which holds the other vCPUs while one runs under a single-step grant);
-//! - defers every MMIO, emulation-failure and debug exit to
-//!   [`Vcpu::handle_deferred_exit`], which asks ext-perm first and falls back to the
-//!   device buses (and the usual fatal-error path) for exits that are not permission faults;
-//! - calls [`Vcpu::release_permission_grant`] before it parks or stops, so a grant never
-//!   outlives a vCPU that is not running.
+//! is a real memslot change (read-only slot, or no slot). [`PermHook`] is the vCPU loop's
+//! [`ExitInterceptor`]: each vCPU thread
+//! - brackets `KVM_RUN` with `before_run`/`after_run` (ext-perm's `RunGate`, which holds the
+//!   other vCPUs while one runs under a single-step grant);
+//! - offers every MMIO, emulation-failure and debug exit to `intercept`, which asks ext-perm;
+//!   exits that are not permission faults go back to the loop (device buses, fatal errors);
+//! - calls `vcpu_leaving` before it parks or stops, so a grant never outlives a vCPU that is
+//!   not running.
 //!
 //! A denied access injects #GP(0) into the guest (the refused write is dropped, a refused
 //! read returns all-ones, a refused fetch never runs); a Linux guest turns that into
@@ -21,19 +21,19 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use ext_perm::api::{AssignViewRequest, CreateViewRequest, EventsResponse, SetPermissionsRequest};
-use ext_perm::kvm::{complete_mmio_read, internal_error_suberror, KvmMemslotBackend, KvmVcpu};
+use ext_perm::kvm::{KvmMemslotBackend, KvmVcpu};
 use ext_perm::Permissions;
 use ext_perm::{
     Decision, DenyAction, ExitHandler, GrantPreference, ManagerConfig, PermissionControl,
     PermissionExit, PermissionManager, RunGate, StraddlePolicy,
 };
 use ext_vmm_api::{ErrorKind, PermAssign, PermCreateView, PermSet};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 
 use super::error::{Error, Result};
 use super::exit::ExitReason;
-use super::vcpu::{guest_position, kick_signal, Vcpu, VcpuStop};
+use super::vcpu::{kick_signal, ExitInterceptor, InterceptedExit, Interception, VcpuStop};
 use ext_vmm_api::{ApiError, PermCapabilities};
 
 /// `#GP`, the exception a refused access raises in the guest.
@@ -47,54 +47,6 @@ pub struct PermHook {
     gate: Arc<RunGate>,
     vcpus: u32,
     ram: Vec<Range<u64>>,
-}
-
-/// A vCPU exit that may be a permission fault, copied out of `kvm_run` so that the handler
-/// can use the vCPU fd while deciding.
-#[derive(Clone, Copy, Debug)]
-pub enum DeferredExit {
-    /// `KVM_EXIT_MMIO` read of `len` bytes.
-    MmioRead {
-        /// Guest-physical address.
-        gpa: u64,
-        /// Access size (at most 8).
-        len: usize,
-    },
-    /// `KVM_EXIT_MMIO` write.
-    MmioWrite {
-        /// Guest-physical address.
-        gpa: u64,
-        /// The bytes written (the first `len`).
-        data: [u8; 8],
-        /// Access size (at most 8).
-        len: usize,
-    },
-    /// `KVM_EXIT_INTERNAL_ERROR`.
-    InternalError,
-    /// `KVM_EXIT_DEBUG` (the VMM arms single-step only for ext-perm's grants).
-    Debug,
-}
-
-impl DeferredExit {
-    /// Copies an MMIO read exit.
-    pub fn mmio_read(gpa: u64, data: &[u8]) -> Self {
-        DeferredExit::MmioRead {
-            gpa,
-            len: data.len().min(8),
-        }
-    }
-
-    /// Copies an MMIO write exit.
-    pub fn mmio_write(gpa: u64, data: &[u8]) -> Self {
-        let len = data.len().min(8);
-        let mut copy = [0u8; 8];
-        copy[..len].copy_from_slice(&data[..len]);
-        DeferredExit::MmioWrite {
-            gpa,
-            data: copy,
-            len,
-        }
-    }
 }
 
 fn perm_error(context: &str, error: ext_perm::Error) -> ApiError {
@@ -161,17 +113,6 @@ impl PermHook {
             vcpus: u32::from(vcpus),
             ram,
         })
-    }
-
-    /// Called right before `KVM_RUN`: waits while another vCPU runs under a grant or the API
-    /// thread reshapes memslots.
-    pub fn enter(&self, vcpu: u8) {
-        self.gate.enter(u32::from(vcpu));
-    }
-
-    /// Called right after `KVM_RUN` returns.
-    pub fn leave(&self, vcpu: u8) {
-        self.gate.leave(u32::from(vcpu));
     }
 
     /// `PUT ext/perm.create-view`.
@@ -260,85 +201,57 @@ impl PermHook {
     }
 }
 
-impl Vcpu {
-    /// Asks ext-perm about a deferred exit, then does what it decided; exits that are not
-    /// permission faults go where they would go without ext-perm. `Ok(None)`: keep running.
-    pub(super) fn handle_deferred_exit(&mut self, exit: DeferredExit) -> Result<Option<VcpuStop>> {
-        let id = self.id;
-        let perm = self.perm.clone();
-        let ask = |fd: &kvm_ioctls::VcpuFd, exit: PermissionExit<'_>| match &perm {
-            Some(perm) => perm
-                .manager
-                .handle_exit(&KvmVcpu::new(fd, u32::from(id)), exit)
-                .map_err(|e| Error::VcpuExit(id, format!("ext-perm: {e}"))),
-            None => Ok(Decision::NotHandled),
-        };
-        let decision = match exit {
-            DeferredExit::MmioRead { gpa, len } => {
-                let mut data = [0u8; 8];
-                let data = &mut data[..len];
-                let decision = ask(
-                    &self.fd,
-                    PermissionExit::MmioRead {
-                        gpa,
-                        data: &mut *data,
-                    },
-                )?;
-                if decision == Decision::NotHandled && !self.mmio.read(gpa, data) {
-                    data.fill(0);
-                    tracing::debug!("vCPU {id}: unclaimed MMIO read {gpa:#x}");
-                }
-                complete_mmio_read(&mut self.fd, data);
-                decision
-            }
-            DeferredExit::MmioWrite { gpa, data, len } => {
-                let data = &data[..len];
-                let decision = ask(&self.fd, PermissionExit::MmioWrite { gpa, data })?;
-                if decision == Decision::NotHandled && !self.mmio.write(gpa, data) {
-                    tracing::debug!("vCPU {id}: unclaimed MMIO write {gpa:#x} <- {data:x?}");
-                }
-                decision
-            }
-            DeferredExit::InternalError => {
-                let suberror = internal_error_suberror(&mut self.fd).unwrap_or(0);
-                let decision = ask(&self.fd, PermissionExit::InternalError { suberror })?;
-                if decision == Decision::NotHandled {
-                    return Err(Error::VcpuExit(
-                        id,
-                        format!(
-                            "KVM internal error, suberror {suberror}, {}",
-                            guest_position(&self.fd)
-                        ),
-                    ));
-                }
-                decision
-            }
-            DeferredExit::Debug => {
-                let decision = ask(&self.fd, PermissionExit::Debug)?;
-                if decision == Decision::NotHandled {
-                    tracing::debug!("vCPU {id}: debug exit without a pending grant");
-                }
-                decision
-            }
-        };
-        if decision == (Decision::Denied { stop: true }) {
-            return Ok(Some(VcpuStop::GuestExit(ExitReason::Error(format!(
-                "vCPU {id} stopped by ext-perm after a refused access"
-            )))));
-        }
-        Ok(None)
+impl ExitInterceptor for PermHook {
+    fn before_run(&self, vcpu: u8) {
+        self.gate.enter(u32::from(vcpu));
     }
 
-    /// Revokes a single-step grant this vCPU still holds, releasing the other vCPUs: called
-    /// before the vCPU parks or stops (it re-faults and is granted again when it runs).
-    pub(super) fn release_permission_grant(&mut self) {
-        if let Some(perm) = &self.perm {
-            if let Err(e) = perm
-                .manager
-                .vcpu_stopped(&KvmVcpu::new(&self.fd, u32::from(self.id)))
-            {
-                tracing::error!("vCPU {}: ext-perm could not revoke its grant: {e}", self.id);
+    fn after_run(&self, vcpu: u8) {
+        self.gate.leave(u32::from(vcpu));
+    }
+
+    /// Asks ext-perm about an exit; whatever is not a permission fault is left to the loop.
+    fn intercept(
+        &self,
+        fd: &VcpuFd,
+        vcpu: u8,
+        exit: InterceptedExit,
+        data: &mut [u8],
+    ) -> Result<Interception> {
+        let exit = match exit {
+            InterceptedExit::MmioRead { gpa, .. } => PermissionExit::MmioRead { gpa, data },
+            InterceptedExit::MmioWrite { gpa, ref data, len } => PermissionExit::MmioWrite {
+                gpa,
+                data: &data[..len],
+            },
+            InterceptedExit::InternalError { suberror } => {
+                PermissionExit::InternalError { suberror }
             }
+            InterceptedExit::Debug => PermissionExit::Debug,
+        };
+        let decision = self
+            .manager
+            .handle_exit(&KvmVcpu::new(fd, u32::from(vcpu)), exit)
+            .map_err(|e| Error::VcpuExit(vcpu, format!("ext-perm: {e}")))?;
+        Ok(match decision {
+            Decision::NotHandled => Interception::NotHandled,
+            Decision::Denied { stop: true } => {
+                Interception::Stop(VcpuStop::GuestExit(ExitReason::Error(format!(
+                    "vCPU {vcpu} stopped by ext-perm after a refused access"
+                ))))
+            }
+            _ => Interception::Handled,
+        })
+    }
+
+    /// Revokes a single-step grant the vCPU still holds, releasing the other vCPUs (it
+    /// re-faults and is granted again when it runs).
+    fn vcpu_leaving(&self, fd: &VcpuFd, vcpu: u8) {
+        if let Err(e) = self
+            .manager
+            .vcpu_stopped(&KvmVcpu::new(fd, u32::from(vcpu)))
+        {
+            tracing::error!("vCPU {vcpu}: ext-perm could not revoke its grant: {e}");
         }
     }
 }

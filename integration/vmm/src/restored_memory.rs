@@ -3,18 +3,20 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use ext_snapshot::restore::lazy::{restore_lazy, LazyRestore};
+use ext_snapshot::restore::lazy::{restore_lazy_with_hook, LazyRestore};
 use ext_snapshot::restore::mapped::{restore_mapped, MappedOptions};
 use ext_snapshot::{
     restore_chain_eager, restore_eager, EagerOptions, PageType, SnapshotChain, SnapshotFile,
 };
 use vm_memory::{GuestMemory, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
 
-use super::checkpoint::SnapshotFigures;
 use super::config::VmConfig;
 use super::error::{Error, Result};
+use super::exit::{ExitEvent, ExitReason};
+use super::figures::SnapshotFigures;
 use super::memory::create_guest_memory;
 use ext_snapshot::RestoreMode;
 
@@ -31,12 +33,49 @@ pub(super) enum RestoredMemory {
         source: PathBuf,
         /// The userfaultfd handler of an on-demand restore, alive as long as the VMM.
         lazy: Option<LazyRestore>,
+        /// Where that handler's failure goes: the VM's exit event.
+        failure: Arc<LazyFailure>,
         /// The file's data pages were faulted in already.
         populated: AtomicBool,
     },
 }
 
+/// An on-demand restore's handler failure, delivered to the VM's exit event (the VM ends with
+/// that error) once the VM exists; a failure before that is kept and delivered on attach.
+#[derive(Default)]
+pub(super) struct LazyFailure {
+    /// The VM's exit event, and a failure that came before it.
+    state: Mutex<(Option<Arc<ExitEvent>>, Option<String>)>,
+}
+
+impl LazyFailure {
+    fn report(&self, error: &str) {
+        let message = format!("on-demand restore failed, the VM is stopped: {error}");
+        tracing::error!("{message}");
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match &state.0 {
+            Some(exit) => exit.request(ExitReason::Error(message)),
+            None => state.1 = Some(message),
+        }
+    }
+
+    fn attach(&self, exit: Arc<ExitEvent>) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(message) = state.1.take() {
+            exit.request(ExitReason::Error(message));
+        }
+        state.0 = Some(exit);
+    }
+}
+
 impl RestoredMemory {
+    /// Hands an on-demand restore's failures to the VM's exit event.
+    pub(super) fn attach_exit(&self, exit: &Arc<ExitEvent>) {
+        if let RestoredMemory::FromFile { failure, .. } = self {
+            failure.attach(exit.clone());
+        }
+    }
+
     /// Makes every data page of the source file resident in `memory` (once), so a snapshot
     /// of it does not mistake untouched pages for never-populated ones.
     pub(super) fn make_resident(&self, memory: &GuestMemoryMmap) -> Result<()> {
@@ -140,17 +179,22 @@ pub(super) fn restore_memory(
             let restored = RestoredMemory::FromFile {
                 source: path.clone(),
                 lazy: None,
+                failure: Arc::default(),
                 populated: Default::default(),
             };
             Ok((memory, restored, figures))
         }
         RestoreMode::Lazy => {
-            let lazy = restore_lazy(path).map_err(Error::SnapshotMemory)?;
+            let failure = Arc::new(LazyFailure::default());
+            let sink = failure.clone();
+            let lazy = restore_lazy_with_hook(path, Box::new(move |error| sink.report(error)))
+                .map_err(Error::SnapshotMemory)?;
             let memory = lazy.memory().clone();
             figures.memory_seconds = started.elapsed().as_secs_f64();
             let restored = RestoredMemory::FromFile {
                 source: path.clone(),
                 lazy: Some(lazy),
+                failure,
                 populated: Default::default(),
             };
             Ok((memory, restored, figures))

@@ -1,47 +1,33 @@
 //! Raw mode for an interactive stdin, so keystrokes (Ctrl-C included) reach the guest's
-//! serial console unbuffered, as Cloud Hypervisor does; the original mode comes back on drop.
+//! serial console unbuffered, as Cloud Hypervisor does (with the same vmm-sys-util
+//! [`Terminal`] calls); canonical mode comes back on drop.
 
-use std::io;
+use std::io::{self, IsTerminal};
 
-/// Restores the terminal settings it replaced when dropped.
-pub struct RawTerminal {
-    saved: libc::termios,
-}
+use vmm_sys_util::terminal::Terminal;
+
+/// Puts stdin back into canonical mode when dropped.
+pub struct RawTerminal(());
 
 impl RawTerminal {
     /// Switches stdin to raw mode if it is a terminal; `Ok(None)` when it is not.
     pub fn enable() -> io::Result<Option<Self>> {
-        // SAFETY: isatty only inspects the descriptor.
-        if unsafe { libc::isatty(libc::STDIN_FILENO) } != 1 {
+        let stdin = io::stdin();
+        if !stdin.is_terminal() {
             return Ok(None);
         }
-        // SAFETY: termios is plain data; tcgetattr fills it or fails.
-        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
-        // SAFETY: `saved` is valid for writes of a termios.
-        if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut saved) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut raw = saved;
-        // SAFETY: cfmakeraw only edits the struct it is given.
-        unsafe { libc::cfmakeraw(&mut raw) };
-        // Keep output post-processing so the host terminal still turns "\n" into "\r\n".
-        raw.c_oflag = saved.c_oflag;
-        // SAFETY: `raw` is a fully initialised termios for fd 0.
-        if unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Some(RawTerminal { saved }))
+        stdin
+            .lock()
+            .set_raw_mode()
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+        Ok(Some(RawTerminal(())))
     }
 }
 
 impl Drop for RawTerminal {
     fn drop(&mut self) {
-        // SAFETY: `saved` came from tcgetattr on the same descriptor.
-        if unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &self.saved) } != 0 {
-            tracing::warn!(
-                "cannot restore the terminal mode: {}",
-                io::Error::last_os_error()
-            );
+        if let Err(e) = io::stdin().lock().set_canon_mode() {
+            tracing::warn!("cannot restore the terminal mode: {e}");
         }
     }
 }

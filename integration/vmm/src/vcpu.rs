@@ -11,6 +11,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use ext_perm::kvm::complete_mmio_read;
 use kvm_bindings::{KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
@@ -18,7 +19,67 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use super::bus::Bus;
 use super::error::{Error, Result};
 use super::exit::{ExitEvent, ExitReason};
-use super::perm::{DeferredExit, PermHook};
+
+/// An exit the loop copied out of `kvm_run` and offers to its [`ExitInterceptor`] before its
+/// own dispatch (the copy lets the interceptor use the vCPU fd while it decides).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InterceptedExit {
+    /// `KVM_EXIT_MMIO` read of `len` bytes (at most 8).
+    MmioRead {
+        /// Guest-physical address.
+        gpa: u64,
+        /// Access size.
+        len: usize,
+    },
+    /// `KVM_EXIT_MMIO` write.
+    MmioWrite {
+        /// Guest-physical address.
+        gpa: u64,
+        /// The bytes written (the first `len`).
+        data: [u8; 8],
+        /// Access size (at most 8).
+        len: usize,
+    },
+    /// `KVM_EXIT_INTERNAL_ERROR` with its suberror.
+    InternalError {
+        /// `kvm_run.internal.suberror`.
+        suberror: u32,
+    },
+    /// `KVM_EXIT_DEBUG`.
+    Debug,
+}
+
+/// What an interceptor made of an exit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Interception {
+    /// Not the interceptor's: the loop dispatches it as usual (buses, fatal errors).
+    NotHandled,
+    /// Handled; for an MMIO read the interceptor filled the data. The vCPU keeps running.
+    Handled,
+    /// Handled, and the vCPU must stop for this reason.
+    Stop(VcpuStop),
+}
+
+/// A component that sees vCPU exits before the loop dispatches them: ext-perm's wiring
+/// (`perm.rs`) implements it to enforce page permissions. The loop itself knows nothing of
+/// what an interceptor does.
+pub trait ExitInterceptor: Send + Sync {
+    /// Right before `KVM_RUN` on vCPU `vcpu`.
+    fn before_run(&self, vcpu: u8);
+    /// Right after `KVM_RUN` returns.
+    fn after_run(&self, vcpu: u8);
+    /// Offers one exit; `data` is the MMIO read buffer to fill (empty for other exits).
+    fn intercept(
+        &self,
+        fd: &VcpuFd,
+        vcpu: u8,
+        exit: InterceptedExit,
+        data: &mut [u8],
+    ) -> Result<Interception>;
+    /// The vCPU is about to park or stop: release whatever it holds (e.g. a grant that
+    /// keeps the other vCPUs waiting).
+    fn vcpu_leaving(&self, fd: &VcpuFd, vcpu: u8);
+}
 
 /// Per-vCPU exit counters, exported through `vm.counters`.
 #[derive(Default)]
@@ -194,8 +255,8 @@ pub struct Vcpu {
     pub exit: Arc<ExitEvent>,
     /// Exit counters.
     pub counters: Arc<VcpuCounters>,
-    /// ext-perm: permission exits go there first (`None`: no permission checks).
-    pub perm: Option<Arc<PermHook>>,
+    /// Sees MMIO, internal-error and debug exits first (`None`: the loop dispatches them).
+    pub interceptor: Option<Arc<dyn ExitInterceptor>>,
 }
 
 /// Why a vCPU loop ended.
@@ -213,61 +274,59 @@ impl Vcpu {
     /// Handles one exit; `Ok(None)` means keep running.
     fn handle_exit(&mut self) -> Result<Option<VcpuStop>> {
         let id = self.id;
-        if let Some(perm) = &self.perm {
-            perm.enter(id);
+        let interceptor = self.interceptor.clone();
+        if let Some(interceptor) = &interceptor {
+            interceptor.before_run(id);
         }
         let result = self.fd.run();
-        if let Some(perm) = &self.perm {
-            perm.leave(id);
+        if let Some(interceptor) = &interceptor {
+            interceptor.after_run(id);
         }
-        let mut deferred = None;
-        let exit = match result {
-            Ok(exit) => exit,
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                self.fd.set_kvm_immediate_exit(0);
-                self.counters.interrupted.fetch_add(1, Ordering::Relaxed);
-                return Ok(None);
-            }
-            Err(e) => return Err(Error::Kvm("KVM_RUN", e)),
-        };
-        match exit {
-            VcpuExit::IoOut(port, data) => {
+        // Exits an interceptor may claim are copied out of `kvm_run` and dispatched below,
+        // once the fd is no longer borrowed by the exit.
+        let copied = match result {
+            Ok(VcpuExit::IoOut(port, data)) => {
                 self.counters.io_out.fetch_add(1, Ordering::Relaxed);
                 if !self.pio.write(u64::from(port), data) {
                     tracing::trace!("vCPU {id}: unclaimed out {port:#x} <- {data:x?}");
                 }
+                return Ok(None);
             }
-            VcpuExit::IoIn(port, data) => {
+            Ok(VcpuExit::IoIn(port, data)) => {
                 self.counters.io_in.fetch_add(1, Ordering::Relaxed);
                 if !self.pio.read(u64::from(port), data) {
                     // An absent ISA port floats high.
                     data.fill(0xff);
                     tracing::trace!("vCPU {id}: unclaimed in {port:#x}");
                 }
+                return Ok(None);
             }
-            VcpuExit::MmioRead(addr, data) => {
+            Ok(VcpuExit::MmioRead(gpa, data)) => {
                 self.counters.mmio_read.fetch_add(1, Ordering::Relaxed);
-                if self.perm.is_some() {
-                    deferred = Some(DeferredExit::mmio_read(addr, data));
-                } else if !self.mmio.read(addr, data) {
-                    data.fill(0);
-                    tracing::debug!("vCPU {id}: unclaimed MMIO read {addr:#x}");
+                InterceptedExit::MmioRead {
+                    gpa,
+                    len: data.len().min(8),
                 }
             }
-            VcpuExit::MmioWrite(addr, data) => {
+            Ok(VcpuExit::MmioWrite(gpa, data)) => {
                 self.counters.mmio_write.fetch_add(1, Ordering::Relaxed);
-                if self.perm.is_some() {
-                    deferred = Some(DeferredExit::mmio_write(addr, data));
-                } else if !self.mmio.write(addr, data) {
-                    tracing::debug!("vCPU {id}: unclaimed MMIO write {addr:#x} <- {data:x?}");
+                let len = data.len().min(8);
+                let mut copy = [0u8; 8];
+                copy[..len].copy_from_slice(&data[..len]);
+                InterceptedExit::MmioWrite {
+                    gpa,
+                    data: copy,
+                    len,
                 }
             }
-            VcpuExit::Hlt => return Ok(Some(VcpuStop::Halted)),
-            VcpuExit::Shutdown => {
+            Ok(VcpuExit::InternalError) => InterceptedExit::InternalError { suberror: 0 },
+            Ok(VcpuExit::Debug(_)) => InterceptedExit::Debug,
+            Ok(VcpuExit::Hlt) => return Ok(Some(VcpuStop::Halted)),
+            Ok(VcpuExit::Shutdown) => {
                 // A triple fault: the guest is gone, as on a PC that resets.
                 return Ok(Some(VcpuStop::GuestExit(ExitReason::Reset)));
             }
-            VcpuExit::SystemEvent(kind, _) => {
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
                 self.counters.other.fetch_add(1, Ordering::Relaxed);
                 let reason = match kind {
                     KVM_SYSTEM_EVENT_SHUTDOWN => ExitReason::PowerOff,
@@ -276,7 +335,7 @@ impl Vcpu {
                 };
                 return Ok(Some(VcpuStop::GuestExit(reason)));
             }
-            VcpuExit::FailEntry(reason, cpu) => {
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
                 return Err(Error::VcpuExit(
                     id,
                     format!(
@@ -285,45 +344,99 @@ impl Vcpu {
                     ),
                 ));
             }
-            VcpuExit::InternalError if self.perm.is_some() => {
-                deferred = Some(DeferredExit::InternalError);
-            }
-            VcpuExit::Debug(_) if self.perm.is_some() => {
-                deferred = Some(DeferredExit::Debug);
-            }
-            VcpuExit::InternalError => {
-                let suberror = internal_error_suberror(&mut self.fd);
-                return Err(Error::VcpuExit(
-                    id,
-                    format!(
-                        "KVM internal error, suberror {suberror}, {}",
-                        guest_position(&self.fd)
-                    ),
-                ));
-            }
-            other => {
+            Ok(other) => {
                 self.counters.other.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!("vCPU {id}: ignored exit {other:?}");
+                return Ok(None);
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                self.fd.set_kvm_immediate_exit(0);
+                self.counters.interrupted.fetch_add(1, Ordering::Relaxed);
+                return Ok(None);
+            }
+            Err(e) => return Err(Error::Kvm("KVM_RUN", e)),
+        };
+        let exit = match copied {
+            InterceptedExit::InternalError { .. } => InterceptedExit::InternalError {
+                suberror: internal_error_suberror(&mut self.fd),
+            },
+            other => other,
+        };
+        self.dispatch_copied(exit, interceptor.as_deref())
+    }
+
+    /// Offers a copied exit to the interceptor, then does the usual thing with it.
+    fn dispatch_copied(
+        &mut self,
+        exit: InterceptedExit,
+        interceptor: Option<&dyn ExitInterceptor>,
+    ) -> Result<Option<VcpuStop>> {
+        let id = self.id;
+        let mut buffer = [0u8; 8];
+        let data: &mut [u8] = match exit {
+            InterceptedExit::MmioRead { len, .. } => &mut buffer[..len],
+            _ => &mut [],
+        };
+        let interception = match interceptor {
+            Some(interceptor) => interceptor.intercept(&self.fd, id, exit, data)?,
+            None => Interception::NotHandled,
+        };
+        if interception == Interception::NotHandled {
+            match exit {
+                InterceptedExit::MmioRead { gpa, .. } => {
+                    if !self.mmio.read(gpa, data) {
+                        data.fill(0);
+                        tracing::debug!("vCPU {id}: unclaimed MMIO read {gpa:#x}");
+                    }
+                }
+                InterceptedExit::MmioWrite { gpa, data, len } => {
+                    let data = &data[..len];
+                    if !self.mmio.write(gpa, data) {
+                        tracing::debug!("vCPU {id}: unclaimed MMIO write {gpa:#x} <- {data:x?}");
+                    }
+                }
+                InterceptedExit::InternalError { suberror } => {
+                    return Err(Error::VcpuExit(
+                        id,
+                        format!(
+                            "KVM internal error, suberror {suberror}, {}",
+                            guest_position(&self.fd)
+                        ),
+                    ));
+                }
+                InterceptedExit::Debug => {
+                    tracing::debug!("vCPU {id}: debug exit nobody asked for");
+                }
             }
         }
-        match deferred {
-            Some(exit) => self.handle_deferred_exit(exit),
-            None => Ok(None),
+        if let InterceptedExit::MmioRead { .. } = exit {
+            complete_mmio_read(&mut self.fd, data);
+        }
+        match interception {
+            Interception::Stop(stop) => Ok(Some(stop)),
+            Interception::NotHandled | Interception::Handled => Ok(None),
+        }
+    }
+
+    /// Tells the interceptor the vCPU parks or stops.
+    fn leaving(&self) {
+        if let Some(interceptor) = &self.interceptor {
+            interceptor.vcpu_leaving(&self.fd, self.id);
         }
     }
 
     /// Runs until the guest halts/exits, an error occurs, or `control` asks to stop.
     pub fn run(&mut self, control: &VcpuControl) -> Result<VcpuStop> {
         let stop = self.run_until_stop(control);
-        self.release_permission_grant();
+        self.leaving();
         stop
     }
 
     fn run_until_stop(&mut self, control: &VcpuControl) -> Result<VcpuStop> {
         loop {
             if control.pending.load(Ordering::SeqCst) {
-                // A parked vCPU must not keep the others held by a grant.
-                self.release_permission_grant();
+                // A parked vCPU must not keep the others held (e.g. by a permission grant).
+                self.leaving();
                 if !control.park(self) {
                     return Ok(VcpuStop::Stopped);
                 }

@@ -29,7 +29,7 @@ use super::layout::*;
 use super::memory::{create_guest_memory, register_memory};
 use super::perm::PermHook;
 use super::snapshot::VmSnapshotState;
-use super::vcpu::{Vcpu, VcpuCounters};
+use super::vcpu::{ExitInterceptor, Vcpu, VcpuCounters};
 use super::virtio::block::Block;
 use super::virtio::console::Console;
 use super::virtio::mmio::MmioTransport;
@@ -303,7 +303,7 @@ impl Vm {
                 mmio: mmio.clone(),
                 exit: exit.clone(),
                 counters,
-                perm: perm.clone(),
+                interceptor: perm.clone().map(|p| p as Arc<dyn ExitInterceptor>),
             });
         }
         if let Some(saved) = saved {

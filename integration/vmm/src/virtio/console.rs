@@ -7,17 +7,21 @@ use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
 use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
-use super::{
-    read_config_bytes, ActivateContext, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
-};
+use super::{read_config_bytes, ActivateContext, VirtioDevice, VirtioInterrupt};
 use crate::error::{Error, Result};
 
-const TYPE_CONSOLE: u32 = 3;
 const QUEUE_SIZES: [u16; 2] = [64, 64];
+/// Queue 0 is port 0's receiveq, queue 1 its transmitq (virtio 1.x §5.3.2); virtio-bindings
+/// has no virtio-console constants.
 const TRANSMIT_QUEUE: u32 = 1;
+/// `struct virtio_console_config`: `le16 cols, le16 rows, le32 max_nr_ports, le32 emerg_wr`
+/// (virtio 1.x §5.3.4), 12 bytes.
+const CONFIG_LEN: usize = 12;
 /// Largest descriptor we copy out at once; bigger ones are a guest bug or an attack.
 const MAX_CHUNK: u32 = 1 << 20;
 
@@ -88,7 +92,7 @@ impl Console {
 
 impl VirtioDevice for Console {
     fn device_type(&self) -> u32 {
-        TYPE_CONSOLE
+        VIRTIO_ID_CONSOLE
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -96,12 +100,12 @@ impl VirtioDevice for Console {
     }
 
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1
+        1 << VIRTIO_F_VERSION_1
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // cols, rows, max_nr_ports, emerg_wr: meaningless without SIZE/MULTIPORT; all zero.
-        read_config_bytes(&[0u8; 12], offset, data);
+        read_config_bytes(&[0u8; CONFIG_LEN], offset, data);
     }
 
     fn activate(&mut self, mut context: ActivateContext) -> Result<()> {

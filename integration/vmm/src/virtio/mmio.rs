@@ -2,50 +2,38 @@
 
 use std::sync::Arc;
 
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK,
+    VIRTIO_F_VERSION_1,
+};
+use virtio_bindings::virtio_mmio::{
+    VIRTIO_MMIO_CONFIG, VIRTIO_MMIO_CONFIG_GENERATION, VIRTIO_MMIO_DEVICE_FEATURES,
+    VIRTIO_MMIO_DEVICE_FEATURES_SEL, VIRTIO_MMIO_DEVICE_ID, VIRTIO_MMIO_DRIVER_FEATURES,
+    VIRTIO_MMIO_DRIVER_FEATURES_SEL, VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INTERRUPT_STATUS,
+    VIRTIO_MMIO_MAGIC_VALUE, VIRTIO_MMIO_QUEUE_AVAIL_HIGH, VIRTIO_MMIO_QUEUE_AVAIL_LOW,
+    VIRTIO_MMIO_QUEUE_DESC_HIGH, VIRTIO_MMIO_QUEUE_DESC_LOW, VIRTIO_MMIO_QUEUE_NOTIFY,
+    VIRTIO_MMIO_QUEUE_NUM, VIRTIO_MMIO_QUEUE_NUM_MAX, VIRTIO_MMIO_QUEUE_READY,
+    VIRTIO_MMIO_QUEUE_SEL, VIRTIO_MMIO_QUEUE_USED_HIGH, VIRTIO_MMIO_QUEUE_USED_LOW,
+    VIRTIO_MMIO_STATUS, VIRTIO_MMIO_VENDOR_ID, VIRTIO_MMIO_VERSION,
+};
 use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::persist::{QueueSnapshot, TransportSnapshot};
-use super::{ActivateContext, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use super::{ActivateContext, VirtioDevice, VirtioInterrupt};
 use crate::bus::BusDevice;
 use crate::error::{Error, Result};
 
-/// "virt" in little endian.
+/// The `MagicValue` register: "virt" in little endian (virtio 1.x §4.2.2); virtio-bindings has
+/// only the register's offset.
 pub const MMIO_MAGIC_VALUE: u32 = 0x7472_6976;
-/// Non-legacy virtio-mmio.
+/// The `Version` register of non-legacy virtio-mmio (virtio 1.x §4.2.2: 0x2; legacy is 0x1);
+/// virtio-bindings has only the register's offset.
 pub const MMIO_VERSION: u32 = 2;
-/// Our vendor ID ("EXT\0").
+/// Our vendor ID ("EXT\0"), not a virtio constant.
 pub const MMIO_VENDOR_ID: u32 = 0x0054_5845;
-
-const REG_MAGIC: u64 = 0x000;
-const REG_VERSION: u64 = 0x004;
-const REG_DEVICE_ID: u64 = 0x008;
-const REG_VENDOR_ID: u64 = 0x00c;
-const REG_DEVICE_FEATURES: u64 = 0x010;
-const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
-const REG_DRIVER_FEATURES: u64 = 0x020;
-const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
-const REG_QUEUE_SEL: u64 = 0x030;
-const REG_QUEUE_NUM_MAX: u64 = 0x034;
-const REG_QUEUE_NUM: u64 = 0x038;
-const REG_QUEUE_READY: u64 = 0x044;
-const REG_QUEUE_NOTIFY: u64 = 0x050;
-const REG_INTERRUPT_STATUS: u64 = 0x060;
-const REG_INTERRUPT_ACK: u64 = 0x064;
-const REG_STATUS: u64 = 0x070;
-const REG_QUEUE_DESC_LOW: u64 = 0x080;
-const REG_QUEUE_DESC_HIGH: u64 = 0x084;
-const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
-const REG_QUEUE_DRIVER_HIGH: u64 = 0x094;
-const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
-const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-const REG_CONFIG_GENERATION: u64 = 0x0fc;
-/// Device-specific configuration space starts here.
-pub const CONFIG_SPACE_OFFSET: u64 = 0x100;
-
-const STATUS_FEATURES_OK: u32 = 8;
-const STATUS_DRIVER_OK: u32 = 4;
-const STATUS_FAILED: u32 = 0x80;
+/// Device-specific configuration space starts here (`VIRTIO_MMIO_CONFIG`, §4.2.2).
+pub const CONFIG_SPACE_OFFSET: u64 = VIRTIO_MMIO_CONFIG as u64;
 
 /// One virtio device behind its MMIO register window.
 pub struct MmioTransport {
@@ -170,8 +158,9 @@ impl MmioTransport {
         for queue in self.state().queues.iter().filter(|q| q.ready) {
             // struct virtq_used: flags, idx, `size` elements of 8 bytes, avail_event.
             let len = 6 + 8 * u64::from(queue.size);
+            // The address comes from the driver; saturate rather than overflow.
             let first = queue.used_ring / PAGE;
-            let last = (queue.used_ring + len - 1) / PAGE;
+            let last = queue.used_ring.saturating_add(len - 1) / PAGE;
             pages.extend(first..=last);
         }
         pages
@@ -217,17 +206,19 @@ impl MmioTransport {
             return;
         }
         let mut status = status;
-        if status & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
+        if status & VIRTIO_CONFIG_S_FEATURES_OK != 0
+            && self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0
+        {
             let offered = self.device.features();
             if self.driver_features & !offered != 0
-                || self.driver_features & VIRTIO_F_VERSION_1 == 0
+                || self.driver_features & (1 << VIRTIO_F_VERSION_1) == 0
             {
                 // Refusing FEATURES_OK tells the driver negotiation failed.
-                status &= !STATUS_FEATURES_OK;
+                status &= !VIRTIO_CONFIG_S_FEATURES_OK;
             }
         }
         self.status = status;
-        if status & STATUS_DRIVER_OK != 0 && !self.activated {
+        if status & VIRTIO_CONFIG_S_DRIVER_OK != 0 && !self.activated {
             self.activate();
         }
     }
@@ -242,7 +233,7 @@ impl MmioTransport {
                 "virtio type {}: invalid queue setup",
                 self.device.device_type()
             );
-            self.status |= STATUS_FAILED;
+            self.status |= VIRTIO_CONFIG_S_FAILED;
             return;
         }
         let context = ActivateContext {
@@ -259,33 +250,36 @@ impl MmioTransport {
                     "virtio type {}: activation failed: {e}",
                     self.device.device_type()
                 );
-                self.status |= STATUS_FAILED;
+                self.status |= VIRTIO_CONFIG_S_FAILED;
             }
         }
     }
 
     fn read_register(&self, offset: u64) -> u32 {
-        match offset {
-            REG_MAGIC => MMIO_MAGIC_VALUE,
-            REG_VERSION => MMIO_VERSION,
-            REG_DEVICE_ID => self.device.device_type(),
-            REG_VENDOR_ID => MMIO_VENDOR_ID,
-            REG_DEVICE_FEATURES => match self.device_features_select {
+        let Ok(register) = u32::try_from(offset) else {
+            return 0;
+        };
+        match register {
+            VIRTIO_MMIO_MAGIC_VALUE => MMIO_MAGIC_VALUE,
+            VIRTIO_MMIO_VERSION => MMIO_VERSION,
+            VIRTIO_MMIO_DEVICE_ID => self.device.device_type(),
+            VIRTIO_MMIO_VENDOR_ID => MMIO_VENDOR_ID,
+            VIRTIO_MMIO_DEVICE_FEATURES => match self.device_features_select {
                 0 => self.device.features() as u32,
                 1 => (self.device.features() >> 32) as u32,
                 _ => 0,
             },
-            REG_QUEUE_NUM_MAX => self
+            VIRTIO_MMIO_QUEUE_NUM_MAX => self
                 .queues
                 .get(self.queue_select as usize)
                 .map_or(0, |q| u32::from(q.max_size())),
-            REG_QUEUE_READY => self
+            VIRTIO_MMIO_QUEUE_READY => self
                 .queues
                 .get(self.queue_select as usize)
                 .map_or(0, |q| u32::from(q.ready())),
-            REG_INTERRUPT_STATUS => self.interrupt.status(),
-            REG_STATUS => self.status,
-            REG_CONFIG_GENERATION => self.config_generation,
+            VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status(),
+            VIRTIO_MMIO_STATUS => self.status,
+            VIRTIO_MMIO_CONFIG_GENERATION => self.config_generation,
             _ => {
                 tracing::debug!("virtio-mmio: read of unknown register {offset:#x}");
                 0
@@ -294,10 +288,13 @@ impl MmioTransport {
     }
 
     fn write_register(&mut self, offset: u64, value: u32) {
-        match offset {
-            REG_DEVICE_FEATURES_SEL => self.device_features_select = value,
-            REG_DRIVER_FEATURES_SEL => self.driver_features_select = value,
-            REG_DRIVER_FEATURES => match self.driver_features_select {
+        let Ok(register) = u32::try_from(offset) else {
+            return;
+        };
+        match register {
+            VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_select = value,
+            VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_select = value,
+            VIRTIO_MMIO_DRIVER_FEATURES => match self.driver_features_select {
                 0 => {
                     self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(value)
                 }
@@ -307,43 +304,48 @@ impl MmioTransport {
                 }
                 _ => {}
             },
-            REG_QUEUE_SEL => self.queue_select = value,
-            REG_QUEUE_NUM => {
+            VIRTIO_MMIO_QUEUE_SEL => self.queue_select = value,
+            VIRTIO_MMIO_QUEUE_NUM => {
                 if let Some(q) = self.selected_queue() {
                     q.set_size(value as u16);
                 }
             }
-            REG_QUEUE_READY => {
+            VIRTIO_MMIO_QUEUE_READY => {
                 if let Some(q) = self.selected_queue() {
                     q.set_ready(value == 1);
                 }
             }
-            REG_QUEUE_DESC_LOW
-            | REG_QUEUE_DESC_HIGH
-            | REG_QUEUE_DRIVER_LOW
-            | REG_QUEUE_DRIVER_HIGH
-            | REG_QUEUE_DEVICE_LOW
-            | REG_QUEUE_DEVICE_HIGH => {
+            VIRTIO_MMIO_QUEUE_DESC_LOW
+            | VIRTIO_MMIO_QUEUE_DESC_HIGH
+            | VIRTIO_MMIO_QUEUE_AVAIL_LOW
+            | VIRTIO_MMIO_QUEUE_AVAIL_HIGH
+            | VIRTIO_MMIO_QUEUE_USED_LOW
+            | VIRTIO_MMIO_QUEUE_USED_HIGH => {
                 if let Some(q) = self.selected_queue() {
-                    let (low, high) = if offset & 4 == 0 {
-                        (Some(value), None)
-                    } else {
-                        (None, Some(value))
+                    let (low, high) = match register {
+                        VIRTIO_MMIO_QUEUE_DESC_LOW
+                        | VIRTIO_MMIO_QUEUE_AVAIL_LOW
+                        | VIRTIO_MMIO_QUEUE_USED_LOW => (Some(value), None),
+                        _ => (None, Some(value)),
                     };
-                    match offset & !4 {
-                        REG_QUEUE_DESC_LOW => q.set_desc_table_address(low, high),
-                        REG_QUEUE_DRIVER_LOW => q.set_avail_ring_address(low, high),
+                    match register {
+                        VIRTIO_MMIO_QUEUE_DESC_LOW | VIRTIO_MMIO_QUEUE_DESC_HIGH => {
+                            q.set_desc_table_address(low, high)
+                        }
+                        VIRTIO_MMIO_QUEUE_AVAIL_LOW | VIRTIO_MMIO_QUEUE_AVAIL_HIGH => {
+                            q.set_avail_ring_address(low, high)
+                        }
                         _ => q.set_used_ring_address(low, high),
                     }
                 }
             }
-            REG_QUEUE_NOTIFY => {
+            VIRTIO_MMIO_QUEUE_NOTIFY => {
                 if self.activated {
                     self.device.queue_notify(value);
                 }
             }
-            REG_INTERRUPT_ACK => self.interrupt.ack(value),
-            REG_STATUS => self.set_status(value),
+            VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt.ack(value),
+            VIRTIO_MMIO_STATUS => self.set_status(value),
             _ => tracing::debug!("virtio-mmio: write {value:#x} to unknown register {offset:#x}"),
         }
     }
@@ -370,5 +372,102 @@ impl BusDevice for MmioTransport {
                 self.write_register(offset, u32::from_le_bytes(bytes));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use virtio_bindings::virtio_config::{VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER};
+    use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
+    use vm_memory::GuestAddress;
+    use vmm_sys_util::eventfd::EventFd;
+
+    use super::*;
+    use crate::virtio::console::Console;
+
+    fn transport() -> MmioTransport {
+        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let interrupt = Arc::new(VirtioInterrupt::new(
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        ));
+        MmioTransport::new(
+            Box::new(Console::new(Box::new(std::io::sink()))),
+            memory,
+            interrupt,
+        )
+    }
+
+    fn read(t: &mut MmioTransport, register: u32) -> u32 {
+        let mut data = [0u8; 4];
+        t.read(u64::from(register), &mut data);
+        u32::from_le_bytes(data)
+    }
+
+    fn write(t: &mut MmioTransport, register: u32, value: u32) {
+        t.write(u64::from(register), &value.to_le_bytes());
+    }
+
+    #[test]
+    fn identification_registers() {
+        let mut t = transport();
+        assert_eq!(read(&mut t, VIRTIO_MMIO_MAGIC_VALUE), MMIO_MAGIC_VALUE);
+        assert_eq!(read(&mut t, VIRTIO_MMIO_VERSION), MMIO_VERSION);
+        assert_eq!(read(&mut t, VIRTIO_MMIO_DEVICE_ID), VIRTIO_ID_CONSOLE);
+        assert_eq!(read(&mut t, VIRTIO_MMIO_VENDOR_ID), MMIO_VENDOR_ID);
+        write(&mut t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+        assert_eq!(
+            read(&mut t, VIRTIO_MMIO_DEVICE_FEATURES),
+            1 << (VIRTIO_F_VERSION_1 - 32)
+        );
+        assert_eq!(read(&mut t, VIRTIO_MMIO_QUEUE_NUM_MAX), 64);
+    }
+
+    #[test]
+    fn features_ok_needs_version_1() {
+        let mut t = transport();
+        let driver = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER;
+        write(
+            &mut t,
+            VIRTIO_MMIO_STATUS,
+            driver | VIRTIO_CONFIG_S_FEATURES_OK,
+        );
+        assert_eq!(read(&mut t, VIRTIO_MMIO_STATUS), driver);
+        write(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        write(
+            &mut t,
+            VIRTIO_MMIO_DRIVER_FEATURES,
+            1 << (VIRTIO_F_VERSION_1 - 32),
+        );
+        write(
+            &mut t,
+            VIRTIO_MMIO_STATUS,
+            driver | VIRTIO_CONFIG_S_FEATURES_OK,
+        );
+        assert_eq!(
+            read(&mut t, VIRTIO_MMIO_STATUS),
+            driver | VIRTIO_CONFIG_S_FEATURES_OK
+        );
+    }
+
+    #[test]
+    fn queue_address_registers() {
+        let mut t = transport();
+        write(&mut t, VIRTIO_MMIO_QUEUE_SEL, 1);
+        write(&mut t, VIRTIO_MMIO_QUEUE_NUM, 32);
+        write(&mut t, VIRTIO_MMIO_QUEUE_DESC_LOW, 0x1000);
+        write(&mut t, VIRTIO_MMIO_QUEUE_DESC_HIGH, 0x1);
+        write(&mut t, VIRTIO_MMIO_QUEUE_AVAIL_LOW, 0x2000);
+        write(&mut t, VIRTIO_MMIO_QUEUE_AVAIL_HIGH, 0x2);
+        write(&mut t, VIRTIO_MMIO_QUEUE_USED_LOW, 0x3000);
+        write(&mut t, VIRTIO_MMIO_QUEUE_USED_HIGH, 0x3);
+        write(&mut t, VIRTIO_MMIO_QUEUE_READY, 1);
+        assert_eq!(read(&mut t, VIRTIO_MMIO_QUEUE_READY), 1);
+        let queue = t.state().queues[1];
+        assert_eq!(queue.size, 32);
+        assert_eq!(queue.desc_table, 0x1_0000_1000);
+        assert_eq!(queue.avail_ring, 0x2_0000_2000);
+        assert_eq!(queue.used_ring, 0x3_0000_3000);
+        assert!(queue.ready);
+        assert_eq!(t.state().queues[0].desc_table, 0);
     }
 }

@@ -13,18 +13,12 @@ pub mod persist;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 use virtio_queue::{Queue, QueueState};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::error::Result;
-
-/// `VIRTIO_F_VERSION_1`: the device follows virtio 1.x (required for non-legacy MMIO).
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-/// Interrupt status bit: a used ring was updated.
-pub const VIRTIO_MMIO_INT_VRING: u32 = 1;
-/// Interrupt status bit: the configuration space changed.
-pub const VIRTIO_MMIO_INT_CONFIG: u32 = 2;
 
 /// The interrupt line of one virtio-mmio device: the status bits the driver reads and acks,
 /// and the irqfd that raises the device's GSI.
@@ -90,11 +84,13 @@ pub struct ActivateContext {
 
 /// A virtio device, independent of its transport.
 pub trait VirtioDevice: Send {
-    /// Virtio device ID (2 = block, 3 = console, 5 = balloon, ...).
+    /// Virtio device ID (`virtio_bindings::virtio_ids::VIRTIO_ID_*`: 2 = block, 3 = console,
+    /// 5 = balloon, ...).
     fn device_type(&self) -> u32;
     /// Maximum size of each queue; the length is the number of queues.
     fn queue_max_sizes(&self) -> &[u16];
-    /// Feature bits offered to the driver (must include [`VIRTIO_F_VERSION_1`]).
+    /// Feature bits offered to the driver, as a mask (`1 << bit` of virtio-bindings' bit
+    /// numbers; must include `1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1`).
     fn features(&self) -> u64;
     /// Reads the device-specific configuration space at `offset`.
     fn read_config(&self, offset: u64, data: &mut [u8]);

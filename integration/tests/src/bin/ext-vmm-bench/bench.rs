@@ -298,7 +298,7 @@ impl ExitBenchVm {
             mmio: Arc::new(mmio),
             exit: Arc::new(ExitEvent::new()?),
             counters: Arc::new(VcpuCounters::default()),
-            perm: None,
+            interceptor: None,
         };
         Ok(ExitBenchVm {
             vcpu,

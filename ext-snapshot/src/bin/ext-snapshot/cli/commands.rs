@@ -4,7 +4,6 @@ use std::fmt::Write as _;
 use std::fs::OpenOptions;
 use std::path::Path;
 
-use ext_snapshot::bench::{self, BenchOptions};
 use ext_snapshot::cloud_hypervisor::{self, ChError};
 use ext_snapshot::{
     restore_to_raw_file, FileLayout, GfnBitmap, PageSet, PageType, RawLayout, SnapshotChain,
@@ -13,6 +12,8 @@ use ext_snapshot::{
 
 use super::raw::{map_raw_memory, read_bitmap};
 use super::{Command, Progress};
+use crate::bench::error::BenchError;
+use crate::bench::{self, BenchOptions};
 
 /// Why a command failed.
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +21,9 @@ pub enum CliError {
     /// The snapshot library failed.
     #[error(transparent)]
     Snapshot(#[from] ext_snapshot::Error),
+    /// The benchmark failed.
+    #[error(transparent)]
+    Bench(#[from] BenchError),
     /// The Cloud Hypervisor import or export failed.
     #[error(transparent)]
     CloudHypervisor(#[from] ChError),

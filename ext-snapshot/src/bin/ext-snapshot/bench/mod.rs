@@ -11,6 +11,7 @@
 //! targets. All files go to a caller-chosen directory and are deleted when the run ends.
 
 pub mod baseline;
+pub mod error;
 pub mod workload;
 
 use std::path::{Path, PathBuf};
@@ -18,16 +19,18 @@ use std::time::Instant;
 
 use vm_memory::{GuestMemory, GuestMemoryRegion};
 
-use crate::error::{Error, Result};
-use crate::format::{FileLayout, Run};
-use crate::reader::SnapshotFile;
-use crate::restore::lazy::restore_lazy;
-use crate::restore::mapped::{restore_mapped, MappedOptions};
-use crate::restore::{fresh_memory, restore_eager, EagerOptions};
-use crate::writer::{is_zero_page, SnapshotWriter, WriteOptions};
-use baseline::{dense_dump, holes_only_copy, write_data_runs_alone, BaselineReport};
 use std::os::unix::fs::MetadataExt;
-use workload::{fill, memfd_memory, Contents, Scenario};
+
+use ext_snapshot::restore::lazy::restore_lazy;
+use ext_snapshot::restore::mapped::{restore_mapped, MappedOptions};
+use ext_snapshot::{
+    fresh_memory, is_zero_page, restore_eager, EagerOptions, FileLayout, PageType, Run,
+    SnapshotFile, SnapshotWriter, WriteOptions,
+};
+
+use baseline::{dense_dump, holes_only_copy, write_data_runs_alone, BaselineReport};
+use error::{BenchError, Result};
+use workload::{fill, memfd_memory, Scenario};
 
 const GIB: u64 = 1 << 30;
 
@@ -51,8 +54,6 @@ pub struct ScenarioResult {
     pub name: String,
     /// Guest memory size in bytes.
     pub memory_bytes: u64,
-    /// What the memory held.
-    pub contents: Contents,
     /// Our writer: seconds (wall clock around `write_file`) and file length.
     pub ours_seconds: f64,
     /// Of which typing pages (residency, invalid set, zero check).
@@ -110,7 +111,7 @@ fn scaled(bytes: u64, scale: f64) -> u64 {
 /// Runs every scenario and the zero-check measurement. `progress` receives a line per step.
 pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchResult> {
     std::fs::create_dir_all(&options.dir)
-        .map_err(|e| Error::io(format!("creating {}", options.dir.display()), e))?;
+        .map_err(|e| BenchError::io(format!("creating {}", options.dir.display()), e))?;
     progress("zero check");
     let zero_check_bytes_per_second = zero_check_speed(scaled(GIB, options.scale.min(1.0)));
     let scenarios = [
@@ -177,7 +178,7 @@ fn run_scenario(
     seed: u64,
 ) -> Result<ScenarioResult> {
     let memory = memfd_memory(size)?;
-    let contents = fill(&memory, size, scenario, seed)?;
+    fill(&memory, size, scenario, seed)?;
     let dir = &options.dir;
     let ours = Scratch(dir.join("bench-ours.snap"));
     let guest_offset = Scratch(dir.join("bench-guest-offset.snap"));
@@ -242,14 +243,14 @@ fn run_scenario(
     }
     ours_runs.sort_by(|a, b| a.0.total_cmp(&b.0));
     let (ours_seconds, report) = ours_runs.swap_remove(ours_runs.len() / 2);
-    let ours_data_bytes = report.bytes(crate::page_type::PageType::Data);
+    let ours_data_bytes = report.bytes(PageType::Data);
     let holes_only = median_report(holes_runs);
     let dense = median_report(dense_runs);
     let data_alone = median_report(alone_runs);
     guest_offset_runs.sort_by(f64::total_cmp);
     let guest_offset_seconds = guest_offset_runs[guest_offset_runs.len() / 2];
     let guest_offset_allocated = std::fs::metadata(&guest_offset.0)
-        .map_err(|e| Error::io("stat of the guest-offset snapshot", e))?
+        .map_err(|e| BenchError::io("stat of the guest-offset snapshot", e))?
         .blocks()
         * 512;
     drop(memory);
@@ -266,7 +267,6 @@ fn run_scenario(
     Ok(ScenarioResult {
         name: name.to_string(),
         memory_bytes: size,
-        contents,
         ours_seconds,
         ours_scan_seconds: report.scan_seconds,
         ours_write_seconds: report.write_seconds,
@@ -310,7 +310,7 @@ fn measured(
 fn remove_if_present(path: &Path) -> Result<()> {
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(Error::io(format!("removing {}", path.display()), e))
+            Err(BenchError::io(format!("removing {}", path.display()), e))
         }
         _ => Ok(()),
     }
@@ -350,10 +350,10 @@ fn lazy(path: &Path) -> Result<f64> {
         .iter()
         .next()
         .map(|region| region.start_addr())
-        .ok_or_else(|| Error::UnsupportedMemory("no regions".into()))?;
+        .ok_or_else(|| BenchError::Memory("no regions".into()))?;
     let mut byte = [0u8; 1];
     vm_memory::Bytes::read_slice(restore.memory(), &mut byte, first)
-        .map_err(|e| Error::UnsupportedMemory(e.to_string()))?;
+        .map_err(|e| BenchError::Memory(e.to_string()))?;
     restore.finish()?;
     Ok(seconds)
 }

@@ -1,8 +1,9 @@
 //! A minimal hand-built x86-64 guest: identity-mapped 4 KiB page tables, a flat GDT,
 //! 64-bit code at CPL0, no firmware and no devices.
 //!
-//! Used by the KVM tests and `ext-perm-bench` so that both exercise real KVM exits on real
-//! guest memory. Layout (GPA): page tables from 0x1000, GDT at 0x800, stack top at
+//! Used by the KVM tests and `ext-perm-bench` (which compiles this file in with `#[path]`) so
+//! that both exercise real KVM exits on real guest memory. A test fixture, not library API: it
+//! uses only `ext_perm`'s public items. Layout (GPA): page tables from 0x1000, GDT at 0x800, stack top at
 //! [`STACK_TOP`], IDT at 0x5000, free for code and data from [`FIRST_FREE_GPA`].
 
 use std::sync::Arc;
@@ -11,8 +12,7 @@ use kvm_bindings::{kvm_segment, kvm_sregs};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::error::{Error, Result};
-use crate::permissions::PAGE_SIZE;
+use ext_perm::{Error, Result, PAGE_SIZE};
 
 const GDT_GPA: u64 = 0x800;
 const PML4_GPA: u64 = 0x1000;

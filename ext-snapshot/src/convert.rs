@@ -8,10 +8,11 @@ use std::path::Path;
 use std::time::Instant;
 
 use crate::error::{Error, Result};
+use crate::format::count_pages;
 use crate::format::file::HEADER_BLOCK_LEN;
 use crate::format::{Extent, Region, Run, PAGE_SIZE};
 use crate::reader::{SnapshotFile, StreamReader};
-use crate::writer::{count_pages, DataSource, SnapshotReport, TempOutput, WriteOptions};
+use crate::writer::{DataSource, SnapshotReport, TempOutput, WriteOptions};
 
 /// Receives a stream and stores it as a snapshot file at `path` (through `<path>.tmp`).
 ///
@@ -64,7 +65,7 @@ pub fn stream_to_file<R: Read>(
         *reader.header(),
         &regions,
         cursor,
-        super::FileLayout::Packed,
+        crate::format::FileLayout::Packed,
         options.fsync,
     )?;
     Ok(SnapshotReport {

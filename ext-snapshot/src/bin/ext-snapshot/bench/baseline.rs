@@ -10,8 +10,6 @@
 //!   alone" target — the very bytes our snapshot stores, taken from the same guest memory and
 //!   written the way our writer writes them (contiguous `pwritev` batches of at most 1024
 //!   slices / 8 MiB), with no typing, no checksums and no index.
-//! * [`write_bytes_alone`]: the same number of bytes from one small buffer (kept for callers;
-//!   it reads no guest memory, so it is a lower floor than the writer can ever reach).
 //! * [`settle`]: between measurements, writes back and drops from the page cache what the
 //!   previous measurement left dirty, so it does not throttle the next one.
 //!
@@ -26,13 +24,19 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::time::Instant;
 
-use vm_memory::{GuestMemory, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
+use ext_snapshot::sparse::data_extents;
+use ext_snapshot::{Run, PAGE_SIZE};
+use vm_memory::{
+    GuestMemory, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress,
+};
 
-use crate::cloud_hypervisor::memory_ranges::data_extents;
-use crate::error::{Error, Result};
-use crate::format::{Run, PAGE_SIZE};
-use crate::writer::scan::MemorySource;
-use crate::writer::to_file::{pwritev_all, MAX_BATCH_BYTES, MAX_BATCH_RUNS};
+use super::error::{BenchError, Result};
+
+/// Most slices in one `pwritev` batch: our writer's batch limit (`writer::to_file`), copied
+/// here because the floor must be written the way the writer writes.
+const MAX_BATCH_RUNS: usize = 1024;
+/// Most bytes in one batch, likewise our writer's.
+const MAX_BATCH_BYTES: u64 = 8 << 20;
 
 /// What a baseline writer did.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -53,7 +57,7 @@ fn create(path: &Path) -> Result<File> {
         .create(true)
         .truncate(true)
         .open(path)
-        .map_err(|e| Error::io(format!("creating {}", path.display()), e))
+        .map_err(|e| BenchError::io(format!("creating {}", path.display()), e))
 }
 
 fn finish(
@@ -65,12 +69,12 @@ fn finish(
 ) -> Result<BaselineReport> {
     if fsync {
         file.sync_all()
-            .map_err(|e| Error::io(format!("fsync of {}", path.display()), e))?;
+            .map_err(|e| BenchError::io(format!("fsync of {}", path.display()), e))?;
     }
     let seconds = start.elapsed().as_secs_f64();
     let metadata = file
         .metadata()
-        .map_err(|e| Error::io(format!("stat of {}", path.display()), e))?;
+        .map_err(|e| BenchError::io(format!("stat of {}", path.display()), e))?;
     Ok(BaselineReport {
         seconds,
         bytes_written: written,
@@ -87,19 +91,19 @@ fn copy_dense<R: GuestMemoryRegion>(
     file: &mut File,
 ) -> Result<()> {
     file.seek(SeekFrom::Start(file_offset))
-        .map_err(|e| Error::io("seeking the baseline file", e))?;
+        .map_err(|e| BenchError::io("seeking the baseline file", e))?;
     let slice = region
         .get_slice(MemoryRegionAddress(offset), length as usize)
-        .map_err(|e| Error::UnsupportedMemory(e.to_string()))?;
+        .map_err(|e| BenchError::Memory(e.to_string()))?;
     let mut done = 0usize;
     while done < slice.len() {
         let rest = slice
             .offset(done)
-            .map_err(|e| Error::UnsupportedMemory(e.to_string()))?;
+            .map_err(|e| BenchError::Memory(e.to_string()))?;
         let count = vm_memory::WriteVolatile::write_volatile(file, &rest)
-            .map_err(|e| Error::UnsupportedMemory(e.to_string()))?;
+            .map_err(|e| BenchError::Memory(e.to_string()))?;
         if count == 0 {
-            return Err(Error::io(
+            return Err(BenchError::io(
                 "writing the baseline file",
                 std::io::Error::from(std::io::ErrorKind::WriteZero),
             ));
@@ -130,9 +134,9 @@ pub fn dense_dump<M: GuestMemory>(memory: &M, path: &Path, fsync: bool) -> Resul
                     backing
                         .file()
                         .read_exact_at(&mut buffer[..count], backing.start() + done)
-                        .map_err(|e| Error::io("reading guest memory through its file", e))?;
+                        .map_err(|e| BenchError::io("reading guest memory through its file", e))?;
                     file.write_all(&buffer[..count])
-                        .map_err(|e| Error::io("writing the dense dump", e))?;
+                        .map_err(|e| BenchError::io("writing the dense dump", e))?;
                     done += count as u64;
                 }
             }
@@ -179,15 +183,15 @@ pub fn holes_only_copy<M: GuestMemory>(
     let mut file = create(path)?;
     let total: u64 = memory.iter().map(|r| r.len()).sum();
     file.set_len(total)
-        .map_err(|e| Error::io("sizing the holes-only copy", e))?;
+        .map_err(|e| BenchError::io("sizing the holes-only copy", e))?;
     let mut base = 0u64;
     let mut written = 0u64;
     for region in memory.iter() {
         let extents = match region.file_offset() {
             Some(backing) => data_extents(backing.file(), backing.start(), region.len())
-                .map_err(|e| Error::UnsupportedMemory(e.to_string()))?
+                .map_err(|e| BenchError::io("finding the data extents of guest memory", e))?
                 .into_iter()
-                .map(|(offset, length)| (offset - backing.start(), length))
+                .map(|r| (r.start - backing.start(), r.end - r.start))
                 .collect(),
             None => vec![(0, region.len())],
         };
@@ -200,22 +204,6 @@ pub fn holes_only_copy<M: GuestMemory>(
     finish(file, path, fsync, start, written)
 }
 
-/// Writes `bytes` bytes to `path` from an in-memory buffer, sequentially: the cost of writing
-/// the data alone, without reading or typing guest memory.
-pub fn write_bytes_alone(bytes: u64, path: &Path, fsync: bool) -> Result<BaselineReport> {
-    let buffer: Vec<u8> = (0..(1usize << 20)).map(|i| (i * 131 + 7) as u8).collect();
-    let start = Instant::now();
-    let mut file = create(path)?;
-    let mut done = 0u64;
-    while done < bytes {
-        let count = (bytes - done).min(buffer.len() as u64) as usize;
-        file.write_all(&buffer[..count])
-            .map_err(|e| Error::io("writing the data-only file", e))?;
-        done += count as u64;
-    }
-    finish(file, path, fsync, start, done)
-}
-
 /// Writes the bytes of `runs` (`(region index, run)` pairs of `Data` runs, in file order) from
 /// `memory` back to back into `path`, in the batches our writer uses: the time to write exactly
 /// the data a snapshot stores, from the same pages, without typing them.
@@ -225,7 +213,7 @@ pub fn write_data_runs_alone(
     path: &Path,
     fsync: bool,
 ) -> Result<BaselineReport> {
-    let source = MemorySource::new(memory.iter().collect());
+    let regions: Vec<&GuestRegionMmap> = memory.iter().collect();
     let start = Instant::now();
     let file = create(path)?;
     let mut batch: Vec<&[u8]> = Vec::new();
@@ -240,7 +228,7 @@ pub fn write_data_runs_alone(
             batch.clear();
             batch_bytes = 0;
         }
-        batch.push(source.pages(region, run.first_page, run.pages)?);
+        batch.push(region_pages(&regions, region, run.first_page, run.pages)?);
         batch_bytes += len;
         done += len;
     }
@@ -248,17 +236,99 @@ pub fn write_data_runs_alone(
     finish(file, path, fsync, start, done)
 }
 
+/// The bytes of pages `[first_page, first_page + pages)` of region `region`, in place.
+fn region_pages<'m>(
+    regions: &[&'m GuestRegionMmap],
+    region: usize,
+    first_page: u64,
+    pages: u64,
+) -> Result<&'m [u8]> {
+    let r = regions
+        .get(region)
+        .ok_or_else(|| BenchError::Memory(format!("no region {region}")))?;
+    let end = (first_page + pages) * PAGE_SIZE;
+    if end > r.len() {
+        return Err(BenchError::Memory(format!(
+            "page range ends at {end:#x}, region is {:#x} bytes",
+            r.len()
+        )));
+    }
+    // SAFETY: the range lies inside the region's mapping (checked above), which stays mapped
+    // while the guest memory is borrowed for 'm. Nothing writes guest memory while the
+    // benchmark writes it out (no guest runs), so the shared slice is not mutated while it
+    // lives; any bit pattern is a valid `u8`.
+    Ok(unsafe {
+        std::slice::from_raw_parts(
+            r.as_ptr().add((first_page * PAGE_SIZE) as usize),
+            (pages * PAGE_SIZE) as usize,
+        )
+    })
+}
+
+/// Writes `slices` back to back at `offset` with `pwritev`, retrying short writes: the same
+/// system calls our writer makes for its data batches.
+fn pwritev_all(file: &File, slices: &[&[u8]], offset: u64) -> Result<()> {
+    let mut iovecs: Vec<libc::iovec> = slices
+        .iter()
+        .map(|s| libc::iovec {
+            iov_base: s.as_ptr() as *mut libc::c_void,
+            iov_len: s.len(),
+        })
+        .collect();
+    let mut first = 0usize;
+    let mut offset = offset;
+    while first < iovecs.len() {
+        let count = libc::c_int::try_from(iovecs.len() - first).unwrap_or(libc::c_int::MAX);
+        let off = libc::off_t::try_from(offset).map_err(|_| {
+            BenchError::io(
+                "writing the data-only file",
+                std::io::Error::from(std::io::ErrorKind::InvalidInput),
+            )
+        })?;
+        // SAFETY: every iovec from `first` on describes a live slice borrowed for this call
+        // (or the unwritten tail of one, adjusted below); pwritev only reads them.
+        let n = unsafe { libc::pwritev(file.as_raw_fd(), iovecs[first..].as_ptr(), count, off) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(BenchError::io("writing the data-only file", e));
+        }
+        if n == 0 {
+            return Err(BenchError::io(
+                "writing the data-only file",
+                std::io::Error::from(std::io::ErrorKind::WriteZero),
+            ));
+        }
+        let mut n = n as usize;
+        offset += n as u64;
+        while first < iovecs.len() && n >= iovecs[first].iov_len {
+            n -= iovecs[first].iov_len;
+            first += 1;
+        }
+        if n > 0 {
+            let v = &mut iovecs[first];
+            // SAFETY: `n < iov_len`, so the advanced pointer stays inside the same slice.
+            v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n).cast() };
+            v.iov_len -= n;
+        }
+    }
+    Ok(())
+}
+
 /// Writes back `path`'s dirty pages, waits for them and drops its pages from the page cache,
 /// so the next measurement starts without another writer's dirty data to throttle it or
 /// clean cache to evict. Not part of any timed section.
 pub fn settle(path: &Path) -> Result<()> {
-    let file = File::open(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+    let file =
+        File::open(path).map_err(|e| BenchError::io(format!("open {}", path.display()), e))?;
     file.sync_data()
-        .map_err(|e| Error::io(format!("fdatasync {}", path.display()), e))?;
+        .map_err(|e| BenchError::io(format!("fdatasync {}", path.display()), e))?;
     // SAFETY: plain advice on a descriptor we own; no memory is passed.
     let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     if rc != 0 {
-        return Err(Error::io(
+        return Err(BenchError::io(
             format!("posix_fadvise {}", path.display()),
             std::io::Error::from_raw_os_error(rc),
         ));

@@ -10,7 +10,7 @@ use std::os::fd::FromRawFd;
 
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
 
-use crate::error::{Error, Result};
+use super::error::{BenchError, Result};
 
 /// Granularity of the data/zero/hole pattern: 64 KiB runs, like the clusters a guest kernel
 /// touches, rather than isolated pages.
@@ -34,36 +34,28 @@ pub enum Scenario {
     Random,
 }
 
-/// What [`fill`] put into memory.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Contents {
-    /// Bytes of random (data) content.
-    pub data_bytes: u64,
-    /// Bytes populated with zeros.
-    pub zero_bytes: u64,
-    /// Bytes left never populated.
-    pub hole_bytes: u64,
-}
-
 /// Creates memfd-backed guest memory of `size` bytes at guest address 0, never populated.
 pub fn memfd_memory(size: u64) -> Result<GuestMemoryMmap> {
     // SAFETY: memfd_create reads a NUL-terminated name from a static C string and returns a new
     // descriptor or -1; no memory of ours is written.
     let fd = unsafe { libc::memfd_create(c"ext-snapshot-bench".as_ptr(), libc::MFD_CLOEXEC) };
     if fd < 0 {
-        return Err(Error::io("memfd_create", std::io::Error::last_os_error()));
+        return Err(BenchError::io(
+            "memfd_create",
+            std::io::Error::last_os_error(),
+        ));
     }
     // SAFETY: `fd` was just returned by memfd_create and is owned by nothing else.
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(size)
-        .map_err(|e| Error::io("sizing the memfd", e))?;
-    let size = usize::try_from(size).map_err(|_| Error::UnsupportedMemory("size".into()))?;
+        .map_err(|e| BenchError::io("sizing the memfd", e))?;
+    let size = usize::try_from(size).map_err(|_| BenchError::Memory("size".into()))?;
     GuestMemoryMmap::from_ranges_with_files([(
         GuestAddress(0),
         size,
         Some(FileOffset::new(file, 0)),
     )])
-    .map_err(|e| Error::UnsupportedMemory(e.to_string()))
+    .map_err(|e| BenchError::Memory(e.to_string()))
 }
 
 /// Small, fast pseudo-random generator (xorshift64*), good enough for incompressible data.
@@ -92,18 +84,12 @@ impl Random {
     }
 }
 
-/// Writes `scenario` into `memory` (one region at 0 of `size` bytes) and says what it wrote.
-pub fn fill(
-    memory: &GuestMemoryMmap,
-    size: u64,
-    scenario: Scenario,
-    seed: u64,
-) -> Result<Contents> {
+/// Writes `scenario` into `memory` (one region at 0 of `size` bytes).
+pub fn fill(memory: &GuestMemoryMmap, size: u64, scenario: Scenario, seed: u64) -> Result<()> {
     let mut random = Random::new(seed);
     let mut pick = Random::new(seed ^ 0x9e37_79b9_7f4a_7c15);
     let mut data = vec![0u8; RUN_BYTES as usize];
     let zeros = vec![0u8; RUN_BYTES as usize];
-    let mut contents = Contents::default();
     let mut offset = 0u64;
     while offset < size {
         let length = RUN_BYTES.min(size - offset);
@@ -119,18 +105,16 @@ pub fn fill(
                 random.fill(&mut data[..length as usize]);
                 memory
                     .write_slice(&data[..length as usize], GuestAddress(offset))
-                    .map_err(|e| Error::UnsupportedMemory(e.to_string()))?;
-                contents.data_bytes += length;
+                    .map_err(|e| BenchError::Memory(e.to_string()))?;
             }
             Some(false) => {
                 memory
                     .write_slice(&zeros[..length as usize], GuestAddress(offset))
-                    .map_err(|e| Error::UnsupportedMemory(e.to_string()))?;
-                contents.zero_bytes += length;
+                    .map_err(|e| BenchError::Memory(e.to_string()))?;
             }
-            None => contents.hole_bytes += length,
+            None => {}
         }
         offset += length;
     }
-    Ok(contents)
+    Ok(())
 }
