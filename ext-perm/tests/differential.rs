@@ -93,6 +93,12 @@ fn access() -> impl Strategy<Value = Access> {
 #[test]
 fn model_and_kvm_agree_on_random_layouts() {
     if !kvm_available() {
+        // .ci/run sets EXT_REQUIRE_ALL=1: there a missing environment is a failure.
+        assert!(
+            std::env::var("EXT_REQUIRE_ALL").as_deref() != Ok("1"),
+            "EXT_REQUIRE_ALL=1, but this test would be skipped: {}",
+            format_args!("SKIPPED: model_and_kvm_agree_on_random_layouts: /dev/kvm not available")
+        );
         println!("SKIPPED: model_and_kvm_agree_on_random_layouts: /dev/kvm not available");
         return;
     }

@@ -18,6 +18,12 @@ use restore_fixture::*;
 fn userfaultfd_available(test: &str) -> bool {
     let builder = userfaultfd::UffdBuilder::new().close_on_exec(true).create();
     if builder.is_err() {
+        // .ci/run sets EXT_REQUIRE_ALL=1: there a missing environment is a failure.
+        assert!(
+            std::env::var("EXT_REQUIRE_ALL").as_deref() != Ok("1"),
+            "EXT_REQUIRE_ALL=1, but this test would be skipped: {}",
+            format_args!("SKIPPED: {test}: userfaultfd not available")
+        );
         println!("SKIPPED: {test}: userfaultfd not available");
         return false;
     }

@@ -48,6 +48,14 @@ fn image(test: &str) -> Option<PathBuf> {
     if path.is_file() {
         Some(path)
     } else {
+        // .ci/run sets EXT_REQUIRE_ALL=1: there a missing environment is a failure.
+        assert!(
+            std::env::var("EXT_REQUIRE_ALL").as_deref() != Ok("1"),
+            "EXT_REQUIRE_ALL=1, but this test would be skipped: {}",
+            format_args!(
+                "SKIPPED: real guest memory tests ({test}): run ci/guest-memory-image first"
+            )
+        );
         println!("SKIPPED: real guest memory tests ({test}): run ci/guest-memory-image first");
         None
     }

@@ -131,6 +131,12 @@ impl KvmHarness {
     /// `None` (after printing the SKIPPED line) when `/dev/kvm` is missing.
     pub fn new(test: &str, vcpus: u32, config: ManagerConfig) -> Option<Self> {
         if !kvm_available() {
+            // .ci/run sets EXT_REQUIRE_ALL=1: there a missing environment is a failure.
+            assert!(
+                std::env::var("EXT_REQUIRE_ALL").as_deref() != Ok("1"),
+                "EXT_REQUIRE_ALL=1, but this test would be skipped: {}",
+                format_args!("SKIPPED: {test}: /dev/kvm not available")
+            );
             println!("SKIPPED: {test}: /dev/kvm not available");
             eprintln!("SKIPPED: {test}: /dev/kvm not available");
             return None;

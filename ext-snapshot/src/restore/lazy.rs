@@ -35,6 +35,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use userfaultfd::{Event, FeatureFlags, IoctlFlags, Uffd, UffdBuilder};
+use vm_memory::bitmap::{Bitmap, NewBitmap};
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
 use crate::error::{Error, Result};
@@ -86,9 +87,10 @@ pub const FAILURE_GRACE: Duration = Duration::from_secs(2);
 /// Called once, from the handler thread, with the error when the handler fails or panics.
 pub type FailureHook = Box<dyn FnOnce(&str) + Send>;
 
-/// Guest memory being restored lazily, and the handler thread serving it.
-pub struct LazyRestore {
-    memory: Option<GuestMemoryMmap>,
+/// Guest memory being restored lazily, and the handler thread serving it. `B` is the dirty
+/// bitmap of its regions (`()` for none); pages the handler fills are not marked in it.
+pub struct LazyRestore<B: Bitmap = ()> {
+    memory: Option<GuestMemoryMmap<B>>,
     handler: Option<JoinHandle<()>>,
     counters: Arc<LazyCounters>,
     failure: Arc<Mutex<Option<String>>>,
@@ -96,10 +98,10 @@ pub struct LazyRestore {
     released: Arc<(Mutex<bool>, Condvar)>,
 }
 
-impl LazyRestore {
+impl<B: Bitmap> LazyRestore<B> {
     /// The restored guest memory. Clones may be kept: the handler serves faults until the last
     /// clone is dropped.
-    pub fn memory(&self) -> &GuestMemoryMmap {
+    pub fn memory(&self) -> &GuestMemoryMmap<B> {
         // `memory` is only taken by `finish`, which consumes `self`.
         self.memory
             .as_ref()
@@ -135,7 +137,7 @@ impl LazyRestore {
     }
 }
 
-impl LazyRestore {
+impl<B: Bitmap> LazyRestore<B> {
     fn release(&self) {
         let (released, changed) = &*self.released;
         *released.lock().unwrap_or_else(|p| p.into_inner()) = true;
@@ -143,7 +145,7 @@ impl LazyRestore {
     }
 }
 
-impl Drop for LazyRestore {
+impl<B: Bitmap> Drop for LazyRestore<B> {
     fn drop(&mut self) {
         // Dropping the memory unmaps it unless clones live on; the handler exits on its own
         // once the last region is unmapped, so it is not joined here (that could block).
@@ -238,14 +240,18 @@ fn set_bits(bits: &mut [u64], first: u64, count: u64) {
 }
 
 /// Restores the snapshot file at `path` lazily. The snapshot's structure is validated before
-/// any memory is created; data extents are verified when first used.
-pub fn restore_lazy(path: &Path) -> Result<LazyRestore> {
+/// any memory is created; data extents are verified when first used. The regions carry a
+/// fresh, clean dirty bitmap of type `B` (`()` for none).
+pub fn restore_lazy<B: NewBitmap>(path: &Path) -> Result<LazyRestore<B>> {
     restore_lazy_with_hook(path, Box::new(|_| {}))
 }
 
 /// [`restore_lazy`], calling `on_failure` (once, from the handler thread) if the handler
 /// fails or panics later, so that the caller can stop whatever runs on the memory.
-pub fn restore_lazy_with_hook(path: &Path, on_failure: FailureHook) -> Result<LazyRestore> {
+pub fn restore_lazy_with_hook<B: NewBitmap>(
+    path: &Path,
+    on_failure: FailureHook,
+) -> Result<LazyRestore<B>> {
     let snapshot = SnapshotFile::open(path)?;
     if snapshot.is_diff()
         || snapshot
@@ -270,7 +276,8 @@ pub fn restore_lazy_with_hook(path: &Path, on_failure: FailureHook) -> Result<La
     for region in snapshot.regions().iter().cloned() {
         let size = usize::try_from(region.size)
             .map_err(|_| Error::UnsupportedMemory(format!("region of {:#x} bytes", region.size)))?;
-        let mapping = MmapRegion::new(size).map_err(|e| Error::UnsupportedMemory(e.to_string()))?;
+        let mapping =
+            MmapRegion::<B>::new(size).map_err(|e| Error::UnsupportedMemory(e.to_string()))?;
         let registered = uffd
             .register(mapping.as_ptr().cast(), size)
             .map_err(|e| Error::UnsupportedMemory(format!("userfaultfd register: {e}")))?;

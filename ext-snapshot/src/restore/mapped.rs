@@ -31,6 +31,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use vm_memory::bitmap::{Bitmap, NewBitmap};
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
 use crate::error::{Error, Result};
@@ -99,12 +100,16 @@ fn spans(region: &Region) -> Vec<Span> {
 
 /// Restores the snapshot file at `path` into new guest memory backed copy-on-write by the file.
 ///
+/// The regions carry a fresh dirty bitmap of type `B` (`()` for none, `AtomicBitmap` for a VMM
+/// that tracks its own writes): restoring marks nothing, so it starts clean and counts from
+/// the snapshot.
+///
 /// Fails, before creating any guest memory, when the snapshot is invalid or is a diff
 /// ([`Error::NeedsParent`]: merge the chain first).
-pub fn restore_mapped(
+pub fn restore_mapped<B: NewBitmap>(
     path: &Path,
     options: MappedOptions,
-) -> Result<(GuestMemoryMmap, MappedReport)> {
+) -> Result<(GuestMemoryMmap<B>, MappedReport)> {
     let snapshot = SnapshotFile::open(path)?;
     if snapshot.is_diff() {
         return Err(Error::NeedsParent);
@@ -134,7 +139,8 @@ pub fn restore_mapped(
         }
         let size = usize::try_from(region.size)
             .map_err(|_| Error::UnsupportedMemory(format!("region of {:#x} bytes", region.size)))?;
-        let mapping = MmapRegion::new(size).map_err(|e| Error::UnsupportedMemory(e.to_string()))?;
+        let mapping =
+            MmapRegion::<B>::new(size).map_err(|e| Error::UnsupportedMemory(e.to_string()))?;
         if guest_offset {
             // The whole region is one piece of the file: data pages at their offsets, holes
             // (read as zeros) everywhere else. One mapping, whatever the content.
@@ -203,7 +209,7 @@ fn mapping_threshold(spans: &[Span], budget: usize) -> u64 {
     (*nth).max(minimum)
 }
 
-fn map_span(file: &File, mapping: &MmapRegion, span: Span) -> Result<()> {
+fn map_span<B: Bitmap>(file: &File, mapping: &MmapRegion<B>, span: Span) -> Result<()> {
     let offset = libc::off_t::try_from(span.file_offset)
         .map_err(|_| Error::Inconsistent(format!("extent offset {:#x}", span.file_offset)))?;
     // `spans` only yields ranges inside the region (the parser checked every run lies within
@@ -233,7 +239,7 @@ fn map_span(file: &File, mapping: &MmapRegion, span: Span) -> Result<()> {
     Ok(())
 }
 
-fn copy_span(file: &File, mapping: &MmapRegion, span: Span) -> Result<()> {
+fn copy_span<B: Bitmap>(file: &File, mapping: &MmapRegion<B>, span: Span) -> Result<()> {
     // SAFETY: the range is inside `mapping` (see `map_span`) and nothing else holds a
     // reference into the fresh mapping, so a unique mutable slice over it is sound for the
     // duration of the read.

@@ -14,9 +14,11 @@ use ext_vmm_api::{
     ApiError, ApiRequest, ApiResponse, RequestHandler, VmCreateConfig, VmRestoreConfig, VmState,
 };
 
-use super::config::VmConfig;
+use super::config::{SerialOutput, VmConfig};
 use super::error::Error;
+use super::exit::ExitReason;
 use super::snapshot::{parse_restore_mode, RestoreConfig};
+use super::terminal::RawTerminal;
 use super::{ping_response, Vmm};
 
 #[derive(Default)]
@@ -74,6 +76,44 @@ impl VmmSlot {
                 }
             }
             state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// The process's main loop: runs each VM that comes into the slot until it ends, then
+    /// waits for the next, until `vmm.shutdown` (or, without an API to bring another VM,
+    /// until the first one ends). `boot_first`: the VM already in the slot (from the command
+    /// line) boots at once; a VM created through the API waits for `vm.boot`. Returns why
+    /// the last VM ended.
+    pub fn run(&self, boot_first: bool, keep_serving: bool) -> Result<ExitReason, Error> {
+        let mut boot_now = boot_first;
+        let mut last: Option<Arc<Vmm>> = None;
+        let mut last_reason = ExitReason::Requested;
+        loop {
+            let vmm = match self.wait_next(last.as_ref()) {
+                SlotEvent::Vm(vmm) => vmm,
+                SlotEvent::Exit => return Ok(last_reason),
+            };
+            last = Some(vmm.clone());
+            if std::mem::take(&mut boot_now) && vmm.state() == VmState::Created {
+                vmm.boot()?;
+            }
+            if vmm.wait_while_created() == VmState::Shutdown {
+                // Deleted before it booted.
+                continue;
+            }
+            // Raw mode only while the guest console is on this terminal.
+            let raw_terminal = if vmm.config().serial == SerialOutput::Tty {
+                RawTerminal::enable().map_err(|e| Error::Sys("terminal raw mode", e))?
+            } else {
+                None
+            };
+            let reason = vmm.run_until_exit()?;
+            drop(raw_terminal);
+            tracing::info!("VM stopped: {reason:?}");
+            if !keep_serving {
+                return Ok(reason);
+            }
+            last_reason = reason;
         }
     }
 

@@ -6,14 +6,13 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use ext_vmm::config::{self, SerialOutput, VmConfig};
+use ext_vmm::config::{self, VmConfig};
 use ext_vmm::error::Error;
 use ext_vmm::exit::ExitReason;
-use ext_vmm::slot::{SlotEvent, VmmSlot};
+use ext_vmm::slot::VmmSlot;
 use ext_vmm::snapshot::RestoreConfig;
-use ext_vmm::terminal::RawTerminal;
 use ext_vmm::Vmm;
-use ext_vmm_api::{start_api_server, VmState};
+use ext_vmm_api::start_api_server;
 
 /// Boot a Linux guest on KVM.
 #[derive(Parser, Debug)]
@@ -109,45 +108,14 @@ fn run(args: Args) -> Result<ExitReason, String> {
         ),
         None => None,
     };
-    // The VM given on the command line boots at once; one created through the API waits
-    // for `vm.boot`. With an API socket the process outlives its VMs, as Cloud Hypervisor
-    // does: after one ends (or is deleted or rebooted) the next may come, until
-    // `vmm.shutdown`.
-    let mut boot_now = matches!(source, Source::Boot(_) | Source::Restore(_));
-    let mut last: Option<Arc<Vmm>> = None;
-    let mut last_reason = ExitReason::Requested;
-    loop {
-        let vmm = match slot.wait_next(last.as_ref()) {
-            SlotEvent::Vm(vmm) => vmm,
-            SlotEvent::Exit => break,
-        };
-        last = Some(vmm.clone());
-        if std::mem::take(&mut boot_now) && vmm.state() == VmState::Created {
-            vmm.boot().map_err(|e| format!("cannot boot: {e}"))?;
-        }
-        if vmm.wait_while_created() == VmState::Shutdown {
-            // Deleted before it booted.
-            continue;
-        }
-        // Raw mode only while the guest console is on this terminal.
-        let raw_terminal = if vmm.config().serial == SerialOutput::Tty {
-            RawTerminal::enable()
-                .map_err(|e| format!("cannot set the terminal to raw mode: {e}"))?
-        } else {
-            None
-        };
-        let reason = vmm.run_until_exit().map_err(|e| e.to_string())?;
-        drop(raw_terminal);
-        tracing::info!("VM stopped: {reason:?}");
-        if server.is_none() {
-            return Ok(reason);
-        }
-        last_reason = reason;
-    }
+    let boot_first = matches!(source, Source::Boot(_) | Source::Restore(_));
+    let reason = slot
+        .run(boot_first, server.is_some())
+        .map_err(|e| e.to_string());
     if let Some(server) = server {
         server.shutdown();
     }
-    Ok(last_reason)
+    reason
 }
 
 fn main() -> ExitCode {
