@@ -128,13 +128,20 @@ fn readers(c: &mut Criterion) {
             })
         });
         group.bench_function(BenchmarkId::new("mapped_setup", name), |b| {
-            b.iter(|| restore_mapped(&path, MappedOptions::default()).expect("mapped"))
+            b.iter(|| restore_mapped::<()>(&path, MappedOptions::default()).expect("mapped"))
         });
         group.bench_function(BenchmarkId::new("mapped_setup_guest_offset", name), |b| {
-            b.iter(|| restore_mapped(&guest_offset, MappedOptions::default()).expect("mapped"))
+            b.iter(|| {
+                restore_mapped::<()>(&guest_offset, MappedOptions::default()).expect("mapped")
+            })
         });
         group.bench_function(BenchmarkId::new("lazy_setup", name), |b| {
-            b.iter(|| restore_lazy(&path).expect("lazy").finish().expect("finish"))
+            b.iter(|| {
+                restore_lazy::<()>(&path)
+                    .expect("lazy")
+                    .finish()
+                    .expect("finish")
+            })
         });
     }
     group.finish();

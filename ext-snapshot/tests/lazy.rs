@@ -71,7 +71,7 @@ fn untouched_invalid_pages_are_never_populated() {
     let path = dir.path().join("s.snap");
     let fixture = fixture(23);
     snapshot(&fixture, &path);
-    let restore = restore_lazy(&path).unwrap();
+    let restore = restore_lazy::<()>(&path).unwrap();
     let memory = restore.memory();
     // Touch every data page, nothing else.
     for (index, &(addr, _)) in REGIONS.iter().enumerate() {
@@ -121,7 +121,7 @@ fn discarded_pages_read_back_as_zero_not_snapshot_data() {
     let path = dir.path().join("s.snap");
     let fixture = fixture(29);
     snapshot(&fixture, &path);
-    let restore = restore_lazy(&path).unwrap();
+    let restore = restore_lazy::<()>(&path).unwrap();
     let memory = restore.memory();
     let page = fixture.kinds[0]
         .iter()
@@ -177,7 +177,7 @@ fn corrupt_extent_fails_the_restore_without_hanging_the_guest() {
     file.write_all_at(&[byte[0] ^ 1], extent.offset + 5)
         .unwrap();
     drop(file);
-    let restore = restore_lazy(&path).unwrap();
+    let restore = restore_lazy::<()>(&path).unwrap();
     let mut page = vec![0u8; PAGE_SIZE as usize];
     // Returns (with zeros) once the handler, which refused the extent, closes the userfaultfd
     // after its grace time: nobody stops this "guest", and it must not hang.
@@ -250,7 +250,7 @@ fn diff_snapshots_are_refused() {
         .diff_against(&parent, &dirty)
         .write_file(&fixture.memory, &diff)
         .unwrap();
-    assert!(matches!(restore_lazy(&diff), Err(Error::NeedsParent)));
+    assert!(matches!(restore_lazy::<()>(&diff), Err(Error::NeedsParent)));
 }
 
 proptest! {

@@ -53,7 +53,7 @@ fn an_extent_damaged_after_open_stops_the_guest_instead_of_serving_zeros() {
     let extent = run.extent.unwrap();
 
     let (failed, failures) = mpsc::channel();
-    let restore = restore_lazy_with_hook(
+    let restore = restore_lazy_with_hook::<()>(
         &path,
         Box::new(move |error| {
             let _ = failed.send(error.to_string());

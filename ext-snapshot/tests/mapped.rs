@@ -37,7 +37,7 @@ fn guest_writes_stay_private_to_the_restored_memory() {
     let fixture = fixture(11);
     snapshot(&fixture, &path);
     let before = std::fs::read(&path).unwrap();
-    let (memory, _) = restore_mapped(&path, MappedOptions::default()).unwrap();
+    let (memory, _) = restore_mapped::<()>(&path, MappedOptions::default()).unwrap();
     let size = REGIONS[0].1 as usize;
     memory
         .write_slice(&vec![0xa5u8; size], GuestAddress(0))
@@ -62,7 +62,7 @@ fn pages_without_data_are_not_populated_by_the_restore() {
     let path = dir.path().join("s.snap");
     let fixture = fixture(13);
     snapshot(&fixture, &path);
-    let (memory, _) = restore_mapped(&path, MappedOptions::default()).unwrap();
+    let (memory, _) = restore_mapped::<()>(&path, MappedOptions::default()).unwrap();
     let mut checked = 0;
     for (index, &(addr, _)) in REGIONS.iter().enumerate() {
         let host = memory.get_host_address(GuestAddress(addr)).unwrap() as u64;
@@ -111,7 +111,7 @@ fn corrupt_extent_is_rejected_before_any_memory_is_created() {
         .unwrap();
     file.write_all_at(&[byte[0] ^ 0x40], extent.offset + 100)
         .unwrap();
-    let result = restore_mapped(&path, MappedOptions { verify_data: true });
+    let result = restore_mapped::<()>(&path, MappedOptions { verify_data: true });
     assert!(
         matches!(result, Err(Error::BadChecksum { .. })),
         "{:?}",
@@ -137,7 +137,7 @@ fn diff_snapshots_are_refused() {
         .write_file(&fixture.memory, &diff)
         .unwrap();
     assert!(matches!(
-        restore_mapped(&diff, MappedOptions::default()),
+        restore_mapped::<()>(&diff, MappedOptions::default()),
         Err(Error::NeedsParent)
     ));
 }

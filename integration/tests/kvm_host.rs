@@ -13,22 +13,29 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ext_snapshot::{
+    restore_chain_eager, EagerOptions, PageType, RegionBitmaps, SnapshotChain, SnapshotFile,
+    SnapshotWriter, WriteOptions,
+};
 use ext_vmm::bus::{Bus, BusDevice};
-use ext_vmm::config::{SerialOutput, VmConfig};
+use ext_vmm::config::{DiskConfig, SerialOutput, VmConfig};
 use ext_vmm::cpu;
 use ext_vmm::devices::legacy::AcpiPm;
 use ext_vmm::devices::serial::SerialDevice;
 use ext_vmm::devices::IrqTrigger;
 use ext_vmm::exit::{ExitEvent, ExitReason};
-use ext_vmm::memory::{create_guest_memory, register_memory};
+use ext_vmm::memory::{
+    create_guest_memory, enable_dirty_logging, register_memory, take_dirty_logs, GuestRam,
+};
 use ext_vmm::vcpu::{self, Vcpu, VcpuControl, VcpuCounters, VcpuStop};
+use ext_vmm::virtio::block::Block;
 use ext_vmm::virtio::console::Console;
 use ext_vmm::virtio::mmio::{MmioTransport, MMIO_MAGIC_VALUE, MMIO_VERSION};
 use ext_vmm::virtio::VirtioInterrupt;
 use ext_vmm::Vmm;
 use ext_vmm_api::{RequestHandler, VmState};
 use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use ext_vmm_tests::common::{kvm_available, wait_for, Calls};
@@ -73,16 +80,25 @@ impl Write for SharedBuffer {
 
 struct TestGuest {
     _vm: VmFd,
-    _memory: GuestMemoryMmap,
+    _memory: GuestRam,
     vcpu: Vcpu,
     exit: Arc<ExitEvent>,
 }
 
 /// A one-vCPU VM whose boot vCPU starts at `code` in flat 32-bit protected mode.
 fn guest(code: &[u8], pio: Bus, mmio: Bus) -> TestGuest {
+    guest_on(
+        create_guest_memory(64 << 20, false).unwrap(),
+        code,
+        pio,
+        mmio,
+    )
+}
+
+/// [`guest`] on `memory`, which devices on `mmio` may share.
+fn guest_on(memory: GuestRam, code: &[u8], pio: Bus, mmio: Bus) -> TestGuest {
     let kvm = Kvm::new().expect("open /dev/kvm");
     let vm = kvm.create_vm().expect("KVM_CREATE_VM");
-    let memory = create_guest_memory(64 << 20, false).unwrap();
     register_memory(&vm, &memory).unwrap();
     memory.write_slice(code, GuestAddress(CODE_START)).unwrap();
     let fd = vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
@@ -466,4 +482,143 @@ fn executing_unbacked_memory_ends_the_run_with_the_guest_position() {
     let error = guest.vcpu.run(&control).unwrap_err().to_string();
     assert!(error.contains("internal error"), "{error}");
     assert!(error.contains("rip 0xd0000000"), "{error}");
+}
+
+/// The page type `file` records for page `page` of its first region.
+fn page_type(file: &SnapshotFile, page: u64) -> PageType {
+    file.regions()[0]
+        .runs
+        .iter()
+        .find(|run| run.first_page <= page && page < run.first_page + run.pages)
+        .unwrap()
+        .page_type
+}
+
+#[test]
+fn pages_a_virtio_device_writes_after_a_snapshot_are_in_the_next_diff() {
+    if !kvm_available("pages_a_virtio_device_writes_after_a_snapshot_are_in_the_next_diff") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8 + 1).collect();
+    let disk_path = write_temp(&dir, "disk.img", &disk);
+    // Guest pages: descriptor table, avail ring, used ring, request header, one data page,
+    // status byte (virtio 1.x split queue of 8 entries).
+    const DESC: u64 = 0x10_0000;
+    const AVAIL: u64 = 0x10_1000;
+    const USED: u64 = 0x10_2000;
+    const HEADER: u64 = 0x10_3000;
+    const DATA: u64 = 0x10_4000;
+    const STATUS: u64 = 0x10_5000;
+    let memory = create_guest_memory(64 << 20, false).unwrap();
+    let block = Block::new(&DiskConfig {
+        path: disk_path,
+        readonly: false,
+    })
+    .unwrap();
+    let interrupt = Arc::new(VirtioInterrupt::new(EventFd::new(0).unwrap()));
+    let transport = Arc::new(Mutex::new(MmioTransport::new(
+        Box::new(block),
+        memory.clone(),
+        interrupt,
+    )));
+    // The driver's side, before the snapshot: one IN request of sector 0 into DATA made
+    // available, not yet notified.
+    let descriptor = |index: u64, addr: u64, len: u32, flags: u16, next: u16| {
+        let at = DESC + 16 * index;
+        memory.write_obj(addr, GuestAddress(at)).unwrap();
+        memory.write_obj(len, GuestAddress(at + 8)).unwrap();
+        memory.write_obj(flags, GuestAddress(at + 12)).unwrap();
+        memory.write_obj(next, GuestAddress(at + 14)).unwrap();
+    };
+    // VIRTQ_DESC_F_NEXT = 1, VIRTQ_DESC_F_WRITE = 2.
+    descriptor(0, HEADER, 16, 1, 1);
+    descriptor(1, DATA, 4096, 1 | 2, 2);
+    descriptor(2, STATUS, 1, 2, 0);
+    memory.write_obj(0u32, GuestAddress(HEADER)).unwrap(); // VIRTIO_BLK_T_IN
+    memory.write_obj(0u64, GuestAddress(HEADER + 8)).unwrap(); // sector 0
+    memory.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    memory.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap(); // idx 1, ring[0] = head 0
+    {
+        // Register offsets of virtio-mmio (virtio 1.x §4.2.2), written as the driver would.
+        let mut t = transport.lock().unwrap();
+        let mut reg = |offset: u64, value: u32| t.write(offset, &value.to_le_bytes());
+        reg(0x70, 1 | 2); // Status: ACKNOWLEDGE | DRIVER
+        reg(0x24, 1); // DriverFeaturesSel: bits 32..63
+        reg(0x20, 1); // DriverFeatures: VIRTIO_F_VERSION_1 (bit 32)
+        reg(0x70, 1 | 2 | 8); // FEATURES_OK
+        reg(0x30, 0); // QueueSel
+        reg(0x38, 8); // QueueNum
+        for (low, addr) in [(0x80, DESC), (0x90, AVAIL), (0xa0, USED)] {
+            reg(low, addr as u32);
+            reg(low + 4, (addr >> 32) as u32);
+        }
+        reg(0x44, 1); // QueueReady
+        reg(0x70, 1 | 2 | 8 | 4); // DRIVER_OK
+    }
+    // The guest's only act: QueueNotify(0), then hlt.
+    let mut code = vec![0x31, 0xc0]; // xor eax, eax
+    code.extend(mov_eax_to(TEST_MMIO as u32 + 0x50));
+    code.push(HLT);
+    let mut mmio = Bus::new();
+    mmio.insert(transport.clone(), TEST_MMIO, 0x1000).unwrap();
+    let mut guest = guest_on(memory.clone(), &code, Bus::new(), mmio);
+
+    // The snapshot: a full one, with dirty tracking counting from it (as `vm.snapshot`).
+    let (full, diff) = (dir.path().join("full"), dir.path().join("diff"));
+    SnapshotWriter::new(WriteOptions::default())
+        .write_file(&memory, &full)
+        .unwrap();
+    enable_dirty_logging(&guest._vm, &memory).unwrap();
+
+    run_to_halt(&mut guest);
+    let counters = transport.lock().unwrap().device().counters();
+    assert!(counters.contains(&("read_ops", 1)), "{counters:?}");
+    let data: Vec<u8> = memory
+        .read_obj::<[u8; 16]>(GuestAddress(DATA))
+        .unwrap()
+        .to_vec();
+    assert_eq!(data, disk[..16]);
+
+    // The device wrote DATA, STATUS and the used ring: vm-memory's bitmap saw it, KVM's dirty
+    // log (vCPU writes) did not; the merged log has exactly those pages.
+    let pages = |words: &[u64]| -> Vec<u64> {
+        (0..words.len() as u64 * 64)
+            .filter(|&p| words[(p / 64) as usize] & (1 << (p % 64)) != 0)
+            .collect()
+    };
+    let logs = take_dirty_logs(&guest._vm, &memory).unwrap();
+    assert_eq!(logs.len(), 1);
+    assert_eq!(
+        pages(&logs[0]),
+        vec![USED / 4096, DATA / 4096, STATUS / 4096]
+    );
+    let parent = SnapshotFile::open(&full).unwrap();
+    SnapshotWriter::new(WriteOptions::default())
+        .diff_against(&parent, &RegionBitmaps::new(vec![logs[0].as_slice()]))
+        .write_file(&memory, &diff)
+        .unwrap();
+    let written = SnapshotFile::open(&diff).unwrap();
+    for page in [USED, DATA] {
+        assert_eq!(
+            page_type(&written, page / 4096),
+            PageType::Data,
+            "{page:#x}"
+        );
+    }
+    // The status byte is VIRTIO_BLK_S_OK = 0: a page of zeros, but in the diff.
+    assert_ne!(page_type(&written, STATUS / 4096), PageType::SameAsParent);
+    for page in [DESC, AVAIL, HEADER, CODE_START] {
+        let kind = page_type(&written, page / 4096);
+        assert_eq!(kind, PageType::SameAsParent, "{page:#x}");
+    }
+    // The chain restores the device's writes.
+    let chain = SnapshotChain::open(&[full, diff]).unwrap();
+    let restored = create_guest_memory(64 << 20, false).unwrap();
+    restore_chain_eager(&chain, &restored, EagerOptions::default()).unwrap();
+    let mut page = vec![0u8; 4096];
+    restored.read_slice(&mut page, GuestAddress(DATA)).unwrap();
+    assert_eq!(page, disk);
+    assert_eq!(restored.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0);
+    assert_eq!(restored.read_obj::<u16>(GuestAddress(USED + 2)).unwrap(), 1);
 }

@@ -15,12 +15,14 @@
 //! manager, so views such as `rw-` (readable and writable, not executable) and `--x`
 //! (execute-only) keep their meaning at the price of exits.
 
+use std::any::Any;
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::Arc;
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
 use kvm_ioctls::VmFd;
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 
 use super::caps::{probe_and_configure, CapabilityReport};
@@ -83,8 +85,9 @@ struct ActiveGrant {
 /// itself, and must leave slot ids from `first_slot` upwards to this backend.
 pub struct KvmMemslotBackend {
     vm: Arc<VmFd>,
-    // Keeps the host mappings alive for as long as memslots point into them.
-    _memory: Arc<GuestMemoryMmap>,
+    // Keeps the host mappings alive for as long as memslots point into them (any bitmap
+    // type: the backend reads only region addresses and sizes).
+    _memory: Arc<dyn Any + Send + Sync>,
     regions: Vec<RamRegion>,
     slots: BTreeMap<u64, Slot>,
     installed: View,
@@ -98,7 +101,11 @@ pub struct KvmMemslotBackend {
 impl KvmMemslotBackend {
     /// Probes `vm`, disables the slot-zap-all quirk where possible, and maps all of `memory`
     /// read-write-execute (the state of a fresh permission table).
-    pub fn new(vm: Arc<VmFd>, memory: Arc<GuestMemoryMmap>, first_slot: u32) -> Result<Self> {
+    pub fn new<B: Bitmap + Send + Sync + 'static>(
+        vm: Arc<VmFd>,
+        memory: Arc<GuestMemoryMmap<B>>,
+        first_slot: u32,
+    ) -> Result<Self> {
         let mut backend = Self::unregistered(vm, memory, first_slot)?;
         backend.sync(&PermissionTable::new(), 0..u64::MAX >> PAGE_SHIFT)?;
         Ok(backend)
@@ -109,7 +116,11 @@ impl KvmMemslotBackend {
     /// This is how a VMM that registers memory before `ext-perm` exists (ext-vmm's
     /// `register_memory`) hands RAM over; slot ids from `first_slot + regions` up become
     /// the backend's too.
-    pub fn adopt(vm: Arc<VmFd>, memory: Arc<GuestMemoryMmap>, first_slot: u32) -> Result<Self> {
+    pub fn adopt<B: Bitmap + Send + Sync + 'static>(
+        vm: Arc<VmFd>,
+        memory: Arc<GuestMemoryMmap<B>>,
+        first_slot: u32,
+    ) -> Result<Self> {
         let mut backend = Self::unregistered(vm, memory, first_slot)?;
         let regions = backend.regions.clone();
         for (i, region) in regions.iter().enumerate() {
@@ -129,7 +140,11 @@ impl KvmMemslotBackend {
         Ok(backend)
     }
 
-    fn unregistered(vm: Arc<VmFd>, memory: Arc<GuestMemoryMmap>, first_slot: u32) -> Result<Self> {
+    fn unregistered<B: Bitmap + Send + Sync + 'static>(
+        vm: Arc<VmFd>,
+        memory: Arc<GuestMemoryMmap<B>>,
+        first_slot: u32,
+    ) -> Result<Self> {
         let capabilities = probe_and_configure(&vm)?;
         if !capabilities.readonly_mem {
             return Err(Error::MissingCapability("KVM_CAP_READONLY_MEM"));

@@ -11,11 +11,12 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::{Aml, AmlSink};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::devices::legacy::S5_SLEEP_TYPE;
 use super::error::{Error, Result};
 use super::layout::*;
+use super::memory::GuestRam;
 
 const OEM_ID: [u8; 6] = *b"EXTVMM";
 const OEM_TABLE_ID: [u8; 8] = *b"EXTVMM  ";
@@ -170,7 +171,7 @@ fn madt(cpus: u8) -> Vec<u8> {
 
 /// Writes all tables at [`ACPI_START`]; returns the RSDP address for `hvm_start_info`.
 pub fn write_acpi_tables(
-    memory: &GuestMemoryMmap,
+    memory: &GuestRam,
     cpus: u8,
     virtio: &[VirtioMmioResource],
 ) -> Result<GuestAddress> {
@@ -215,7 +216,7 @@ mod tests {
 
     #[test]
     fn tables_are_linked_and_checksummed() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
         let virtio = [VirtioMmioResource {
             base: VIRTIO_MMIO_START,
             size: VIRTIO_MMIO_SIZE,

@@ -11,12 +11,12 @@ use linux_loader::loader::elf::start_info::{
 };
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{load_cmdline, KernelLoader};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::config::VmConfig;
 use super::error::{Error, Result};
 use super::layout::*;
-use super::memory::ram_ranges;
+use super::memory::{ram_ranges, GuestRam};
 
 /// `hvm_start_info.magic`.
 const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
@@ -64,11 +64,7 @@ pub fn memory_map(memory_size: u64) -> Vec<hvm_memmap_table_entry> {
 
 /// Loads kernel, initramfs and command line for `config` and writes the PVH start info
 /// (pointing at the ACPI RSDP at `rsdp`).
-pub fn load_pvh(
-    memory: &GuestMemoryMmap,
-    config: &VmConfig,
-    rsdp: GuestAddress,
-) -> Result<BootEntry> {
+pub fn load_pvh(memory: &GuestRam, config: &VmConfig, rsdp: GuestAddress) -> Result<BootEntry> {
     let mut kernel = open(&config.kernel)?;
     let loaded = Elf::load(
         memory,

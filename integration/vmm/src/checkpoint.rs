@@ -8,7 +8,6 @@ use std::time::Instant;
 
 use ext_snapshot::{PageType, RegionBitmaps, SnapshotFile, SnapshotWriter, WriteOptions};
 use kvm_ioctls::Kvm;
-use vm_memory::{Address, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 
 use super::error::{Error, Result};
 use super::figures::SnapshotFigures;
@@ -21,9 +20,11 @@ use super::vm::Vm;
 use super::Vmm;
 use ext_vmm_api::{VmSnapshotConfig, VmState};
 
-/// KVM dirty logging for diff snapshots. Logging starts with the first snapshot the VM takes
-/// (or when it is restored), not at boot: a VM that is never snapshotted pays nothing, and
-/// the first snapshot is a full one anyway.
+/// Dirty-page tracking for diff snapshots: KVM's dirty log (pages vCPUs write) and the guest
+/// memory's vm-memory dirty bitmaps (pages the VMM's devices write), started, read and reset
+/// together by [`enable_dirty_logging`] and [`take_dirty_logs`]. Logging starts with the
+/// first snapshot the VM takes (or when it is restored), not at boot: a VM that is never
+/// snapshotted pays nothing, and the first snapshot is a full one anyway.
 #[derive(Default)]
 pub(super) struct DirtyTracking {
     /// ext-perm's memslot operation count when logging began (`None`: logging is off). ext-perm
@@ -64,10 +65,8 @@ impl Vmm {
             .unwrap_or_else(|p| p.into_inner())
             .state();
         let mut virtio = Vec::with_capacity(self.virtio.len());
-        let mut device_pages = Vec::new();
         for slot in &self.virtio {
-            let mut transport = slot.transport.lock().unwrap_or_else(|p| p.into_inner());
-            device_pages.extend(transport.take_written_pages());
+            let transport = slot.transport.lock().unwrap_or_else(|p| p.into_inner());
             virtio.push(NamedTransport {
                 name: slot.name.clone(),
                 state: transport.state(),
@@ -77,8 +76,8 @@ impl Vmm {
         if let Some(parent) = &parent {
             self.check_diff_base(&dirty, parent)?;
         }
-        // Reading the log clears it: from here on it counts from this snapshot, or from
-        // nothing if this one fails.
+        // Reading the log clears it (KVM's log and the memory's dirty bitmaps alike): from
+        // here on it counts from this snapshot, or from nothing if this one fails.
         dirty.base = None;
         let logs = match dirty.perm_operations {
             Some(_) => Some(take_dirty_logs(vm_fd, memory)?),
@@ -97,10 +96,9 @@ impl Vmm {
         let report = match &parent {
             None => writer.write_file(memory, &dir.memory_path()),
             Some(parent) => {
-                let Some(mut logs) = logs else {
+                let Some(logs) = logs else {
                     return Err(Error::Snapshot("dirty logging is off".into()));
                 };
-                mark_pages(memory, &mut logs, &device_pages);
                 let parent_memory =
                     SnapshotFile::open(&parent.memory_path()).map_err(Error::SnapshotMemory)?;
                 let bitmaps = RegionBitmaps::new(logs.iter().map(Vec::as_slice).collect());
@@ -245,21 +243,4 @@ impl Vmm {
 fn allocated_bytes(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(path).map_or(0, |m| m.blocks() * 512)
-}
-
-/// Adds guest frames `pages` to the per-region bitmaps `logs` (region order of `memory`).
-fn mark_pages(memory: &GuestMemoryMmap, logs: &mut [Vec<u64>], pages: &[u64]) {
-    for &gfn in pages {
-        let address = GuestAddress(gfn * ext_snapshot::PAGE_SIZE);
-        for (index, region) in memory.iter().enumerate() {
-            if let Some(offset) = address.checked_offset_from(region.start_addr()) {
-                if offset < region.len() {
-                    let page = (offset / ext_snapshot::PAGE_SIZE) as usize;
-                    if let Some(word) = logs.get_mut(index).and_then(|l| l.get_mut(page / 64)) {
-                        *word |= 1 << (page % 64);
-                    }
-                }
-            }
-        }
-    }
 }

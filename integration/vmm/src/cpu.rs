@@ -5,10 +5,11 @@ use kvm_bindings::{
     kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::error::{Error, Result};
 use super::layout::BOOT_GDT_START;
+use super::memory::GuestRam;
 
 /// CPUID leaf 1 ECX bit: running under a hypervisor.
 const CPUID_HYPERVISOR: u32 = 1 << 31;
@@ -217,7 +218,7 @@ pub const BOOT_GDT: [u64; 4] = [
 /// [`BOOT_GDT`] (also written to guest memory), `rbx` = `start_info`.
 pub fn setup_pvh_registers(
     vcpu: &VcpuFd,
-    memory: &GuestMemoryMmap,
+    memory: &GuestRam,
     entry: GuestAddress,
     start_info: GuestAddress,
 ) -> Result<()> {

@@ -53,7 +53,7 @@ struct Lifecycle {
     handles: Vec<VcpuHandle>,
     /// The VM fd and guest memory of a booted VM: vCPUs run on this memory, so it lives as
     /// long as the VMM.
-    booted: Option<(kvm_ioctls::VmFd, vm_memory::GuestMemoryMmap)>,
+    booted: Option<(kvm_ioctls::VmFd, memory::GuestRam)>,
 }
 
 /// One VMM process: one VM, its counters and its lifecycle.

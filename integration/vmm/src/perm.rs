@@ -29,17 +29,18 @@ use ext_perm::{
 };
 use ext_vmm_api::{ErrorKind, PermAssign, PermCreateView, PermSet};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use vm_memory::{GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemory, GuestMemoryRegion};
 
 use super::error::{Error, Result};
 use super::exit::ExitReason;
+use super::memory::GuestRam;
 use super::vcpu::{kick_signal, ExitInterceptor, InterceptedExit, Interception, VcpuStop};
 use ext_vmm_api::{ApiError, PermCapabilities};
 
 /// `#GP`, the exception a refused access raises in the guest.
 const GENERAL_PROTECTION: u8 = 13;
 
-type Manager = PermissionManager<KvmMemslotBackend, GuestMemoryMmap>;
+type Manager = PermissionManager<KvmMemslotBackend, GuestRam>;
 
 /// The VM's permission manager and the gate its vCPU threads pass through.
 pub struct PermHook {
@@ -75,7 +76,7 @@ fn permissions(text: &str) -> std::result::Result<Permissions, ApiError> {
 impl PermHook {
     /// Takes over the RAM memslots of `vm` (registered by `register_memory`, region `i` as
     /// slot `i`) with ext-perm's KVM backend. Nothing is protected until the API says so.
-    pub fn attach(kvm: &Kvm, vm: &VmFd, memory: &GuestMemoryMmap, vcpus: u8) -> Result<Self> {
+    pub fn attach(kvm: &Kvm, vm: &VmFd, memory: &GuestRam, vcpus: u8) -> Result<Self> {
         // The backend wants its own handle on the VM: a duplicate of the VM fd names the same
         // VM, and the VmFd the VMM keeps is untouched.
         // SAFETY: dup of a descriptor this process owns; the result is checked below.

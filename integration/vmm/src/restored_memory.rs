@@ -11,13 +11,14 @@ use ext_snapshot::restore::mapped::{restore_mapped, MappedOptions};
 use ext_snapshot::{
     restore_chain_eager, restore_eager, EagerOptions, PageType, SnapshotChain, SnapshotFile,
 };
-use vm_memory::{GuestMemory, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{GuestMemory, GuestMemoryRegion, MemoryRegionAddress};
 
 use super::config::VmConfig;
 use super::error::{Error, Result};
 use super::exit::{ExitEvent, ExitReason};
 use super::figures::SnapshotFigures;
-use super::memory::create_guest_memory;
+use super::memory::{create_guest_memory, GuestRam};
 use ext_snapshot::RestoreMode;
 
 /// Guest memory that came from a snapshot, and what must stay alive for it.
@@ -32,7 +33,7 @@ pub(super) enum RestoredMemory {
         /// The memory file the pages come from.
         source: PathBuf,
         /// The userfaultfd handler of an on-demand restore, alive as long as the VMM.
-        lazy: Option<LazyRestore>,
+        lazy: Option<LazyRestore<AtomicBitmap>>,
         /// Where that handler's failure goes: the VM's exit event.
         failure: Arc<LazyFailure>,
         /// The file's data pages were faulted in already.
@@ -78,7 +79,7 @@ impl RestoredMemory {
 
     /// Makes every data page of the source file resident in `memory` (once), so a snapshot
     /// of it does not mistake untouched pages for never-populated ones.
-    pub(super) fn make_resident(&self, memory: &GuestMemoryMmap) -> Result<()> {
+    pub(super) fn make_resident(&self, memory: &GuestRam) -> Result<()> {
         let RestoredMemory::FromFile {
             source, populated, ..
         } = self
@@ -130,12 +131,14 @@ impl RestoredMemory {
     }
 }
 
-/// Fills new guest memory from the snapshot's memory files (oldest first).
+/// Fills new guest memory from the snapshot's memory files (oldest first). Its dirty bitmaps
+/// may hold the restore's own writes (an eager restore writes through vm-memory); dirty
+/// tracking clears them when it starts on the restored VM.
 pub(super) fn restore_memory(
     chain: &[std::path::PathBuf],
     mode: RestoreMode,
     config: &VmConfig,
-) -> Result<(GuestMemoryMmap, RestoredMemory, SnapshotFigures)> {
+) -> Result<(GuestRam, RestoredMemory, SnapshotFigures)> {
     let eager = EagerOptions {
         target_is_fresh: true,
         threads: 2,
@@ -187,8 +190,11 @@ pub(super) fn restore_memory(
         RestoreMode::Lazy => {
             let failure = Arc::new(LazyFailure::default());
             let sink = failure.clone();
-            let lazy = restore_lazy_with_hook(path, Box::new(move |error| sink.report(error)))
-                .map_err(Error::SnapshotMemory)?;
+            let lazy = restore_lazy_with_hook::<AtomicBitmap>(
+                path,
+                Box::new(move |error| sink.report(error)),
+            )
+            .map_err(Error::SnapshotMemory)?;
             let memory = lazy.memory().clone();
             figures.memory_seconds = started.elapsed().as_secs_f64();
             let restored = RestoredMemory::FromFile {

@@ -11,7 +11,6 @@ use kvm_bindings::{
     KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use vm_memory::GuestMemoryMmap;
 use vm_superio::I8042Device;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -26,7 +25,7 @@ use super::devices::IrqTrigger;
 use super::error::{Error, Result};
 use super::exit::ExitEvent;
 use super::layout::*;
-use super::memory::{create_guest_memory, register_memory};
+use super::memory::{create_guest_memory, register_memory, GuestRam};
 use super::perm::PermHook;
 use super::snapshot::VmSnapshotState;
 use super::vcpu::{ExitInterceptor, Vcpu, VcpuCounters};
@@ -48,7 +47,7 @@ pub struct Vm {
     /// The KVM VM.
     pub fd: VmFd,
     /// Guest RAM.
-    pub memory: GuestMemoryMmap,
+    pub memory: GuestRam,
     /// Port-I/O devices.
     pub pio: Arc<Bus>,
     /// MMIO devices.
@@ -176,19 +175,11 @@ impl Vm {
     /// Builds the VM of a snapshot on `memory` (already restored): devices continue from
     /// their saved state, vCPUs and the in-kernel irqchip, PIT and clock are loaded from
     /// `state`; nothing is written into guest memory.
-    pub fn restore(
-        config: &VmConfig,
-        memory: GuestMemoryMmap,
-        state: &VmSnapshotState,
-    ) -> Result<Self> {
+    pub fn restore(config: &VmConfig, memory: GuestRam, state: &VmSnapshotState) -> Result<Self> {
         Self::build(config, memory, Some(state))
     }
 
-    fn build(
-        config: &VmConfig,
-        memory: GuestMemoryMmap,
-        saved: Option<&VmSnapshotState>,
-    ) -> Result<Self> {
+    fn build(config: &VmConfig, memory: GuestRam, saved: Option<&VmSnapshotState>) -> Result<Self> {
         let (kvm, fd) = create_kvm_vm()?;
         register_memory(&fd, &memory)?;
         let perm = match PermHook::attach(&kvm, &fd, &memory, config.cpus) {

@@ -11,7 +11,6 @@
 //! full or fails with `VIRTIO_BLK_S_IOERR` (`VIRTIO_BLK_S_UNSUPP` for an unknown type); a chain
 //! without a status byte goes back to the used ring with length 0.
 
-use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::mem::size_of;
@@ -26,11 +25,13 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{DescriptorChain, Queue, QueueState, QueueT, Writer};
-use vm_memory::{Address, Bytes, GuestMemory, GuestMemoryMmap, Le32, Le64};
+use vm_memory::bitmap::MS;
+use vm_memory::{Address, Bytes, Le32, Le64};
 
 use super::{read_config_bytes, ActivateContext, VirtioDevice, VirtioInterrupt};
 use crate::config::DiskConfig;
 use crate::error::{Error, Result};
+use crate::memory::GuestRam;
 
 const QUEUE_SIZES: [u16; 1] = [128];
 /// Capacity and request sectors are in 512-byte units whatever the block size (virtio 1.x
@@ -43,10 +44,9 @@ const HEADER_LEN: usize = size_of::<virtio_blk_outhdr>();
 const IO_CHUNK: usize = 64 << 10;
 /// The GET_ID answer: the ID string, NUL-padded to `VIRTIO_BLK_ID_BYTES` (§5.2.6).
 const DEVICE_ID: [u8; VIRTIO_BLK_ID_BYTES as usize] = *b"ext-vmm-blk\0\0\0\0\0\0\0\0\0";
-const PAGE_SIZE: u64 = 4096;
 
 struct Active {
-    memory: GuestMemoryMmap,
+    memory: GuestRam,
     queue: Queue,
     interrupt: Arc<VirtioInterrupt>,
 }
@@ -98,9 +98,6 @@ pub struct Block {
     capacity_sectors: u64,
     active: Option<Active>,
     stats: Stats,
-    /// Guest frames of device-writable buffers handed to us since the last snapshot: KVM's
-    /// dirty log does not see the VMM's own writes into guest memory.
-    written_pages: BTreeSet<u64>,
 }
 
 impl Block {
@@ -124,17 +121,11 @@ impl Block {
             capacity_sectors: len / SECTOR_SIZE,
             active: None,
             stats: Stats::default(),
-            written_pages: BTreeSet::new(),
         })
     }
 
     /// Serves one chain and writes its status byte; returns the chain's `used.len`.
-    fn process_chain(
-        &mut self,
-        memory: &GuestMemoryMmap,
-        chain: DescriptorChain<&GuestMemoryMmap>,
-    ) -> u32 {
-        self.record_written_pages(memory, &chain);
+    fn process_chain(&mut self, memory: &GuestRam, chain: DescriptorChain<&GuestRam>) -> u32 {
         let mut data = match chain.clone().writer(memory) {
             Ok(writer) => writer,
             Err(e) => {
@@ -198,9 +189,9 @@ impl Block {
     /// `data_out`.
     fn execute(
         &mut self,
-        memory: &GuestMemoryMmap,
-        chain: DescriptorChain<&GuestMemoryMmap>,
-        data_out: &mut Writer<'_>,
+        memory: &GuestRam,
+        chain: DescriptorChain<&GuestRam>,
+        data_out: &mut Writer<'_, MS<'_, GuestRam>>,
     ) -> std::result::Result<(), RequestError> {
         // §2.7.4.2: device-writable descriptors come after all device-readable ones.
         let mut seen_writable = false;
@@ -290,25 +281,6 @@ impl Block {
         }
     }
 
-    /// Remembers the guest frames of every device-writable descriptor of `chain` that lies in
-    /// guest memory (the device may write any of them).
-    fn record_written_pages(
-        &mut self,
-        memory: &GuestMemoryMmap,
-        chain: &DescriptorChain<&GuestMemoryMmap>,
-    ) {
-        for desc in chain.clone().writable() {
-            let len = desc.len();
-            if len == 0 || !memory.check_range(desc.addr(), len as usize) {
-                continue;
-            }
-            // No overflow: the range lies in guest memory.
-            let first = desc.addr().raw_value() / PAGE_SIZE;
-            let last = (desc.addr().raw_value() + u64::from(len) - 1) / PAGE_SIZE;
-            self.written_pages.extend(first..=last);
-        }
-    }
-
     fn process(&mut self) -> Result<()> {
         let Some(mut active) = self.active.take() else {
             return Ok(());
@@ -343,11 +315,7 @@ impl Block {
 
 /// Writes `status` into the last device-writable byte of `chain` when the writable part as a
 /// whole is not usable (some descriptor lies outside guest memory); returns `used.len`.
-fn write_status_only(
-    memory: &GuestMemoryMmap,
-    chain: DescriptorChain<&GuestMemoryMmap>,
-    status: u32,
-) -> u32 {
+fn write_status_only(memory: &GuestRam, chain: DescriptorChain<&GuestRam>, status: u32) -> u32 {
     let Some(last) = chain.writable().filter(|desc| desc.len() > 0).last() else {
         return 0;
     };
@@ -415,12 +383,6 @@ impl VirtioDevice for Block {
             .unwrap_or_default()
     }
 
-    fn take_written_pages(&mut self) -> Vec<u64> {
-        std::mem::take(&mut self.written_pages)
-            .into_iter()
-            .collect()
-    }
-
     fn counters(&self) -> Vec<(&'static str, u64)> {
         let s = &self.stats;
         vec![
@@ -443,10 +405,11 @@ mod tests {
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::GuestAddress;
+    use vm_memory::{GuestAddress, GuestMemory};
     use vmm_sys_util::eventfd::EventFd;
 
     use super::*;
+    use crate::memory::dirty_bitmap;
 
     const MEM_SIZE: u64 = 1 << 20;
     const QUEUE_LEN: u16 = 64;
@@ -494,16 +457,19 @@ mod tests {
     }
 
     struct Harness<'a> {
-        memory: &'a GuestMemoryMmap,
-        mock: MockSplitQueue<'a, GuestMemoryMmap>,
+        memory: &'a GuestRam,
+        mock: MockSplitQueue<'a, GuestRam>,
         block: Block,
         path: PathBuf,
         next_desc: u16,
         next_used: u16,
+        /// Guest frames the device wrote while serving the last chain, as the memory's dirty
+        /// bitmap saw them.
+        device_dirty: Vec<u64>,
     }
 
     impl<'a> Harness<'a> {
-        fn new(memory: &'a GuestMemoryMmap, dir: &tempfile::TempDir, readonly: bool) -> Self {
+        fn new(memory: &'a GuestRam, dir: &tempfile::TempDir, readonly: bool) -> Self {
             let path = dir.path().join("disk.img");
             std::fs::write(&path, pattern(DISK_LEN, 0)).unwrap();
             let mut block = Block::new(&DiskConfig {
@@ -530,7 +496,14 @@ mod tests {
                 path,
                 next_desc: 0,
                 next_used: 0,
+                device_dirty: Vec::new(),
             }
+        }
+
+        /// Guest frames of the used ring (flags, idx, `QUEUE_LEN` elements, avail_event).
+        fn used_ring_pages(&self) -> Vec<u64> {
+            let used = self.mock.used_addr().0;
+            (used / 4096..=(used + 6 + 8 * u64::from(QUEUE_LEN) - 1) / 4096).collect()
         }
 
         /// Spreads `bytes` over `bufs`, in order.
@@ -588,7 +561,14 @@ mod tests {
                 .collect();
             self.mock.add_desc_chains(&descs, head).unwrap();
             self.next_desc += bufs.len() as u16;
+            // What the test wrote so far is not the device's doing: the bitmap counts from here.
+            let region = self.memory.find_region(GuestAddress(0)).unwrap();
+            let bitmap = dirty_bitmap(region);
+            bitmap.reset();
             self.block.queue_notify(0);
+            self.device_dirty = (0..MEM_SIZE / 4096)
+                .filter(|&page| bitmap.is_bit_set(page as usize))
+                .collect();
 
             let used = self.mock.used_addr();
             let used_idx: u16 = self.memory.read_obj(used.unchecked_add(2)).unwrap();
@@ -624,8 +604,8 @@ mod tests {
         }
     }
 
-    fn memory() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap()
+    fn memory() -> GuestRam {
+        GuestRam::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap()
     }
 
     const OK: u8 = VIRTIO_BLK_S_OK as u8;
@@ -652,10 +632,24 @@ mod tests {
         assert_eq!(h.counter("read_bytes"), 2048);
         assert_eq!(h.counter("read_ops"), 1);
         assert_eq!(h.counter("errors"), 0);
-        let pages = h.block.take_written_pages();
+        // The device's writes mark vm-memory's dirty bitmap: the three data pages, the status
+        // byte's page and the used ring; the header's page is only read.
+        let used = h.used_ring_pages();
         for page in [0x11, 0x12, 0x15, 0xf0] {
-            assert!(pages.contains(&page), "page {page:#x} not recorded");
+            assert!(h.device_dirty.contains(&page), "page {page:#x} not marked");
         }
+        assert!(
+            used.iter().any(|page| h.device_dirty.contains(page)),
+            "used ring not marked: {:x?}",
+            h.device_dirty
+        );
+        assert!(
+            h.device_dirty
+                .iter()
+                .all(|page| [0x11, 0x12, 0x15, 0xf0].contains(page) || used.contains(page)),
+            "pages the device did not write are marked: {:x?}",
+            h.device_dirty
+        );
     }
 
     #[test]
@@ -867,11 +861,13 @@ mod tests {
         let len = h.submit(&[hdr[0], wo(BUFFERS + 0x1000, 512), wo(MEM_SIZE + 4096, 1)]);
         assert_eq!(len, 0);
         assert_eq!(h.counter("errors"), 5);
-        assert!(h
-            .block
-            .take_written_pages()
-            .iter()
-            .all(|&p| p < MEM_SIZE / 4096));
+        // Nothing but the used ring was written for that chain (its buffer stays untouched).
+        let used = h.used_ring_pages();
+        assert!(
+            !h.device_dirty.is_empty() && h.device_dirty.iter().all(|page| used.contains(page)),
+            "{:x?}",
+            h.device_dirty
+        );
     }
 
     #[test]

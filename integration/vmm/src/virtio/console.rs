@@ -10,10 +10,11 @@ use std::sync::Arc;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
 use virtio_queue::{Queue, QueueState, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::Bytes;
 
 use super::{read_config_bytes, ActivateContext, VirtioDevice, VirtioInterrupt};
 use crate::error::{Error, Result};
+use crate::memory::GuestRam;
 
 const QUEUE_SIZES: [u16; 2] = [64, 64];
 /// Queue 0 is port 0's receiveq, queue 1 its transmitq (virtio 1.x §5.3.2); virtio-bindings
@@ -26,7 +27,7 @@ const CONFIG_LEN: usize = 12;
 const MAX_CHUNK: u32 = 1 << 20;
 
 struct Active {
-    memory: GuestMemoryMmap,
+    memory: GuestRam,
     /// Never filled, but kept so a snapshot records the driver's setup of it.
     receive: Queue,
     transmit: Queue,
@@ -134,11 +135,6 @@ impl VirtioDevice for Console {
 
     fn reset(&mut self) {
         self.active = None;
-    }
-
-    fn take_written_pages(&mut self) -> Vec<u64> {
-        // The console writes only its used rings, which the transport accounts for.
-        Vec::new()
     }
 
     fn queue_states(&self) -> Vec<QueueState> {

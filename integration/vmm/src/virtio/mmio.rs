@@ -17,12 +17,12 @@ use virtio_bindings::virtio_mmio::{
     VIRTIO_MMIO_STATUS, VIRTIO_MMIO_VENDOR_ID, VIRTIO_MMIO_VERSION,
 };
 use virtio_queue::{Queue, QueueState, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 use super::persist::{QueueSnapshot, TransportSnapshot};
 use super::{ActivateContext, VirtioDevice, VirtioInterrupt};
 use crate::bus::BusDevice;
 use crate::error::{Error, Result};
+use crate::memory::GuestRam;
 
 /// The `MagicValue` register: "virt" in little endian (virtio 1.x §4.2.2); virtio-bindings has
 /// only the register's offset.
@@ -38,7 +38,7 @@ pub const CONFIG_SPACE_OFFSET: u64 = VIRTIO_MMIO_CONFIG as u64;
 /// One virtio device behind its MMIO register window.
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
-    memory: GuestMemoryMmap,
+    memory: GuestRam,
     interrupt: Arc<VirtioInterrupt>,
     queues: Vec<Queue>,
     queue_select: u32,
@@ -54,7 +54,7 @@ impl MmioTransport {
     /// Wraps `device`; its queues live in `memory`, its interrupt is `interrupt`.
     pub fn new(
         device: Box<dyn VirtioDevice>,
-        memory: GuestMemoryMmap,
+        memory: GuestRam,
         interrupt: Arc<VirtioInterrupt>,
     ) -> Self {
         let queues = Self::fresh_queues(device.as_ref());
@@ -78,7 +78,7 @@ impl MmioTransport {
     /// another device type or queues the device does not have.
     pub fn restore(
         device: Box<dyn VirtioDevice>,
-        memory: GuestMemoryMmap,
+        memory: GuestRam,
         interrupt: Arc<VirtioInterrupt>,
         state: &TransportSnapshot,
     ) -> Result<Self> {
@@ -148,22 +148,6 @@ impl MmioTransport {
             activated: self.activated,
             queues: queues.into_iter().map(QueueSnapshot::from).collect(),
         }
-    }
-
-    /// Guest frames the device side wrote since the last call: the device's buffers plus
-    /// every used ring (whose index and entries the device updates).
-    pub fn take_written_pages(&mut self) -> Vec<u64> {
-        const PAGE: u64 = 4096;
-        let mut pages = self.device.take_written_pages();
-        for queue in self.state().queues.iter().filter(|q| q.ready) {
-            // struct virtq_used: flags, idx, `size` elements of 8 bytes, avail_event.
-            let len = 6 + 8 * u64::from(queue.size);
-            // The address comes from the driver; saturate rather than overflow.
-            let first = queue.used_ring / PAGE;
-            let last = queue.used_ring.saturating_add(len - 1) / PAGE;
-            pages.extend(first..=last);
-        }
-        pages
     }
 
     fn fresh_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
@@ -386,7 +370,7 @@ mod tests {
     use crate::virtio::console::Console;
 
     fn transport() -> MmioTransport {
-        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let memory = GuestRam::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let interrupt = Arc::new(VirtioInterrupt::new(
             EventFd::new(libc::EFD_NONBLOCK).unwrap(),
         ));

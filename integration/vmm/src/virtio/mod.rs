@@ -5,6 +5,11 @@
 //! feature negotiation and queue setup, and activates the device with the negotiated queues
 //! and a [`VirtioInterrupt`]. Adding a device (virtio-balloon next) means one new file that
 //! implements the trait; nothing in the transport changes.
+//!
+//! Devices write guest memory only through vm-memory ([`GuestRam`]'s `Bytes` and
+//! `VolatileSlice` accesses, which virtio-queue's used-ring updates and descriptor-chain
+//! `Writer` use), so every page they write is marked in the regions' dirty bitmaps that diff
+//! snapshots read; a device must not write guest memory through raw host pointers.
 
 pub mod block;
 pub mod console;
@@ -15,10 +20,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 use virtio_queue::{Queue, QueueState};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::error::Result;
+use super::memory::GuestRam;
 
 /// The interrupt line of one virtio-mmio device: the status bits the driver reads and acks,
 /// and the irqfd that raises the device's GSI.
@@ -73,7 +78,7 @@ impl VirtioInterrupt {
 /// What a device receives when the driver sets `DRIVER_OK`.
 pub struct ActivateContext {
     /// Guest memory the queues live in.
-    pub memory: GuestMemoryMmap,
+    pub memory: GuestRam,
     /// The configured queues, in device queue order.
     pub queues: Vec<Queue>,
     /// The device's interrupt.
@@ -111,9 +116,6 @@ pub trait VirtioDevice: Send {
     /// The state of every queue the device received at activation, in device queue order
     /// (empty while not activated), for a snapshot.
     fn queue_states(&self) -> Vec<QueueState>;
-    /// Guest frame numbers of buffers (not rings) the device may have written since the
-    /// last call, for diff snapshots: KVM's dirty log sees only what vCPUs write.
-    fn take_written_pages(&mut self) -> Vec<u64>;
     /// Name/value counters for `vm.counters`.
     fn counters(&self) -> Vec<(&'static str, u64)>;
 }

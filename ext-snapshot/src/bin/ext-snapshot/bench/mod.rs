@@ -334,7 +334,7 @@ fn eager(path: &Path) -> Result<(f64, f64)> {
 
 fn mapped(path: &Path, verify_data: bool) -> Result<f64> {
     let start = Instant::now();
-    let (memory, _) = restore_mapped(path, MappedOptions { verify_data })?;
+    let (memory, _) = restore_mapped::<()>(path, MappedOptions { verify_data })?;
     let seconds = start.elapsed().as_secs_f64();
     drop(memory);
     Ok(seconds)
@@ -342,7 +342,7 @@ fn mapped(path: &Path, verify_data: bool) -> Result<f64> {
 
 fn lazy(path: &Path) -> Result<f64> {
     let start = Instant::now();
-    let restore = restore_lazy(path)?;
+    let restore = restore_lazy::<()>(path)?;
     let seconds = start.elapsed().as_secs_f64();
     // Touch one page so the handler is exercised, then shut it down.
     let first = restore

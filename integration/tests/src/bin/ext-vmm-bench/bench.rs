@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::Kvm;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use ext_vmm::bus::{Bus, BusDevice};
@@ -29,7 +29,7 @@ use ext_vmm::devices::serial::SerialDevice;
 use ext_vmm::devices::IrqTrigger;
 use ext_vmm::exit::ExitEvent;
 use ext_vmm::layout::{COM1_PORT, PVH_INFO_START, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
-use ext_vmm::memory::{create_guest_memory, register_memory};
+use ext_vmm::memory::{create_guest_memory, register_memory, GuestRam};
 use ext_vmm::vcpu::{Vcpu, VcpuControl, VcpuCounters, VcpuStop};
 use ext_vmm::virtio::console::Console;
 use ext_vmm::virtio::mmio::MmioTransport;
@@ -238,7 +238,7 @@ struct ExitBenchVm {
     // Field order: the vCPU goes before the VM and the memory it runs on.
     vcpu: Vcpu,
     _vm: kvm_ioctls::VmFd,
-    memory: GuestMemoryMmap,
+    memory: GuestRam,
     tsc_khz: u32,
 }
 
