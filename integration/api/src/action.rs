@@ -53,18 +53,20 @@ pub enum ApiRequest {
 }
 
 /// A successful answer: `204` without a body, or `200` with a JSON body.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ApiResponse {
     /// `204 No Content`.
     Empty,
-    /// `200 OK` with this JSON body.
-    Json(serde_json::Value),
+    /// `200 OK` with this JSON body, already serialized: fields stay in the order the
+    /// response type declares them (a `serde_json::Value` would sort them), as Cloud
+    /// Hypervisor's bodies have them.
+    Json(Vec<u8>),
 }
 
 impl ApiResponse {
     /// A `200` whose body is `value` serialized.
     pub fn json<T: Serialize>(value: &T) -> Result<Self, ApiError> {
-        serde_json::to_value(value)
+        serde_json::to_vec(value)
             .map(ApiResponse::Json)
             .map_err(|e| ApiError::internal(format!("cannot encode the response: {e}")))
     }

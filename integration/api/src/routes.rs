@@ -150,12 +150,7 @@ pub(crate) fn dispatch(
     };
     match handler.handle(request) {
         Ok(ApiResponse::Empty) => Response::no_content(),
-        Ok(ApiResponse::Json(value)) => match serde_json::to_vec(&value) {
-            Ok(json) => Response::json(200, json),
-            Err(e) => error_response(&ApiError::internal(format!(
-                "cannot encode the response: {e}"
-            ))),
-        },
+        Ok(ApiResponse::Json(json)) => Response::json(200, json),
         Err(error) => error_response(&error),
     }
 }
@@ -254,6 +249,20 @@ mod tests {
         assert_eq!(
             dispatch(&MinimalVmm, "GET", "/api/v1/vmm.ping", b"").status,
             200
+        );
+    }
+
+    #[test]
+    fn json_bodies_keep_the_field_order_of_their_type() {
+        #[derive(serde::Serialize)]
+        struct Ordered {
+            zebra: u8,
+            apple: u8,
+        }
+        let answer = ApiResponse::json(&Ordered { zebra: 1, apple: 2 }).unwrap();
+        assert_eq!(
+            answer,
+            ApiResponse::Json(br#"{"zebra":1,"apple":2}"#.to_vec())
         );
     }
 

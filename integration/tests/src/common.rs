@@ -60,7 +60,7 @@ pub trait Calls {
     /// A request answered with JSON, decoded.
     fn json<T: serde::de::DeserializeOwned>(&self, request: ApiRequest) -> Result<T, ApiError> {
         match self.call(request)? {
-            ApiResponse::Json(value) => serde_json::from_value(value)
+            ApiResponse::Json(json) => serde_json::from_slice(&json)
                 .map_err(|e| ApiError::internal(format!("undecodable answer: {e}"))),
             ApiResponse::Empty => Err(ApiError::internal("empty answer")),
         }
