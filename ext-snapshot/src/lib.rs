@@ -23,6 +23,7 @@ pub mod cloud_hypervisor;
 pub mod convert;
 pub mod diff;
 pub mod error;
+pub mod file_io;
 pub mod format;
 pub mod page_type;
 pub mod reader;

@@ -1,7 +1,6 @@
 //! Producing the file encoding: data extents in parallel, then indexes, table and header.
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -244,49 +243,8 @@ fn write_batch(
 
 /// Writes `slices` back to back at `offset`, retrying short writes.
 pub(crate) fn pwritev_all(file: &File, slices: &[&[u8]], offset: u64) -> Result<()> {
-    let mut iovecs: Vec<libc::iovec> = slices
-        .iter()
-        .map(|s| libc::iovec {
-            iov_base: s.as_ptr() as *mut libc::c_void,
-            iov_len: s.len(),
-        })
-        .collect();
-    let mut first = 0usize;
-    let mut offset = offset;
-    while first < iovecs.len() {
-        let count = libc::c_int::try_from(iovecs.len() - first).unwrap_or(libc::c_int::MAX);
-        let off = libc::off_t::try_from(offset)
-            .map_err(|_| Error::Inconsistent("file offset too large".into()))?;
-        // SAFETY: every iovec from `first` on describes a live slice borrowed for this call
-        // (or the unwritten tail of one, adjusted below); pwritev only reads them.
-        let n = unsafe { libc::pwritev(file.as_raw_fd(), iovecs[first..].as_ptr(), count, off) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(Error::io("write snapshot data", e));
-        }
-        if n == 0 {
-            return Err(Error::io(
-                "write snapshot data",
-                std::io::Error::from(std::io::ErrorKind::WriteZero),
-            ));
-        }
-        let mut n = n as usize;
-        offset += n as u64;
-        while first < iovecs.len() && n >= iovecs[first].iov_len {
-            n -= iovecs[first].iov_len;
-            first += 1;
-        }
-        if n > 0 {
-            let v = &mut iovecs[first];
-            // SAFETY: `n < iov_len`, so the advanced pointer stays inside the same slice.
-            v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n).cast() };
-            v.iov_len -= n;
-        }
-    }
-    Ok(())
+    crate::file_io::write_all_vectored_at(file, slices, offset)
+        .map_err(|e| Error::io("write snapshot data", e))
 }
 
 fn panicked() -> Error {

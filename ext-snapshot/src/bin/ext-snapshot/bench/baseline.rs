@@ -265,56 +265,11 @@ fn region_pages<'m>(
     })
 }
 
-/// Writes `slices` back to back at `offset` with `pwritev`, retrying short writes: the same
-/// system calls our writer makes for its data batches.
+/// Writes `slices` back to back at `offset`: the same system calls our writer makes for its
+/// data batches (`ext_snapshot::file_io`).
 fn pwritev_all(file: &File, slices: &[&[u8]], offset: u64) -> Result<()> {
-    let mut iovecs: Vec<libc::iovec> = slices
-        .iter()
-        .map(|s| libc::iovec {
-            iov_base: s.as_ptr() as *mut libc::c_void,
-            iov_len: s.len(),
-        })
-        .collect();
-    let mut first = 0usize;
-    let mut offset = offset;
-    while first < iovecs.len() {
-        let count = libc::c_int::try_from(iovecs.len() - first).unwrap_or(libc::c_int::MAX);
-        let off = libc::off_t::try_from(offset).map_err(|_| {
-            BenchError::io(
-                "writing the data-only file",
-                std::io::Error::from(std::io::ErrorKind::InvalidInput),
-            )
-        })?;
-        // SAFETY: every iovec from `first` on describes a live slice borrowed for this call
-        // (or the unwritten tail of one, adjusted below); pwritev only reads them.
-        let n = unsafe { libc::pwritev(file.as_raw_fd(), iovecs[first..].as_ptr(), count, off) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(BenchError::io("writing the data-only file", e));
-        }
-        if n == 0 {
-            return Err(BenchError::io(
-                "writing the data-only file",
-                std::io::Error::from(std::io::ErrorKind::WriteZero),
-            ));
-        }
-        let mut n = n as usize;
-        offset += n as u64;
-        while first < iovecs.len() && n >= iovecs[first].iov_len {
-            n -= iovecs[first].iov_len;
-            first += 1;
-        }
-        if n > 0 {
-            let v = &mut iovecs[first];
-            // SAFETY: `n < iov_len`, so the advanced pointer stays inside the same slice.
-            v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n).cast() };
-            v.iov_len -= n;
-        }
-    }
-    Ok(())
+    ext_snapshot::file_io::write_all_vectored_at(file, slices, offset)
+        .map_err(|e| BenchError::io("writing the data-only file", e))
 }
 
 /// Writes back `path`'s dirty pages, waits for them and drops its pages from the page cache,
