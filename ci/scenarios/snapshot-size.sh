@@ -163,8 +163,11 @@ for shared in off on; do
     metric "snapshot_time shared=$shared vmm=cloud-hypervisor api_ms=$ch_ms (the ch-remote call on the L1 clock; emulated: compare ratios)"
     metric "snapshot_ratio shared=$shared du_ours_over_ch=$(ratio "$du_ours" "$du_ch") bytes_ours_over_ch=$(ratio "$size_ours" "$size_ch") time_ours_over_ch=$(ratio "$ours_ms" "$ch_ms") (time: both API calls on the L1 clock)"
 
-    # Cloud Hypervisor is the peer, not under test: one that does not leave is killed.
-    ch "$sock" shutdown-vmm || echo "snapshot-size: cloud-hypervisor shutdown-vmm failed, killing it"
+    # Cloud Hypervisor is the peer, not under test: one that does not leave is killed. Its
+    # vmm.shutdown of a paused VM was seen not to answer at all, so the call gets 30 s.
+    timeout -s KILL 30 "$CH_REMOTE" --api-socket "$sock" shutdown-vmm >/tmp/ch-remote.out 2>&1 \
+        || echo "snapshot-size: cloud-hypervisor shutdown-vmm failed or hung, killing it"
+    sed 's/^/ch-remote shutdown-vmm| /' /tmp/ch-remote.out
     if ! wait_exit "$ch_pid" 60; then
         kill -KILL "$ch_pid" 2>/dev/null
         wait_exit "$ch_pid" 30 || fail "cloud-hypervisor $ch_pid survived SIGKILL"
