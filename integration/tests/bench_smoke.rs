@@ -1,6 +1,7 @@
 //! `ext-vmm-bench` runs end to end: with a tiny iteration count on `/dev/kvm` every row of its
 //! table is printed; without `/dev/kvm` it prints its `SKIPPED:` line and exits 0. It also
-//! summarises a lab log given with `--lab-log`. No timing is checked (issue 2).
+//! summarises a lab log given with `--lab-log`. `vhost-user-mem-bench` runs at a tiny scale
+//! against the real daemon binary and prints every figure. No timing is checked (issues 2, 9).
 
 // Test fixtures unwrap: a panic is how a test fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -21,24 +22,29 @@ const ROWS: [&str; 8] = [
     "pause+resume",
 ];
 
-/// Runs the bench with `args`; returns (success, stdout, stderr). The child is killed if it
-/// outlives a generous bound, so a hang fails the test instead of leaving a process behind.
+/// Runs `ext-vmm-bench` with `args`; see [`run_program`].
 fn run_bench(args: &[&str]) -> (bool, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ext-vmm-bench"))
+    run_program(env!("CARGO_BIN_EXE_ext-vmm-bench"), args)
+}
+
+/// Runs `program` with `args`; returns (success, stdout, stderr). The child is killed if it
+/// outlives a generous bound, so a hang fails the test instead of leaving a process behind.
+fn run_program(program: &str, args: &[&str]) -> (bool, String, String) {
+    let mut child = Command::new(program)
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("start ext-vmm-bench");
+        .expect("start the bench");
     let deadline = Instant::now() + Duration::from_secs(120);
     let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for ext-vmm-bench") {
+        if let Some(status) = child.try_wait().expect("wait for the bench") {
             break status;
         }
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("ext-vmm-bench {args:?} did not finish in 120 s");
+            panic!("{program} {args:?} did not finish in 120 s");
         }
         std::thread::sleep(Duration::from_millis(20));
     };
@@ -167,4 +173,98 @@ fn bench_summarises_an_l2_qemu_lab_log() {
     ]);
     assert!(!ok, "a log without metrics must fail");
     assert!(stderr.contains("no l2_boot_s metrics"), "{stderr}");
+}
+
+/// The `vhost-user-mem` binary next to the bench, or `None` after printing why the test skips
+/// (it is built with the workspace: `cargo build -p vhost-user-mem`).
+fn vhost_user_mem_daemon(test: &str) -> Option<std::path::PathBuf> {
+    let daemon =
+        Path::new(env!("CARGO_BIN_EXE_vhost-user-mem-bench")).with_file_name("vhost-user-mem");
+    if daemon.is_file() {
+        return Some(daemon);
+    }
+    ext_vmm_tests::common::skip(
+        test,
+        &format!(
+            "no {} (build it: cargo build -p vhost-user-mem)",
+            daemon.display()
+        ),
+    );
+    None
+}
+
+#[test]
+fn vhost_user_mem_bench_prints_every_figure() {
+    let Some(daemon) = vhost_user_mem_daemon("vhost_user_mem_bench_prints_every_figure") else {
+        return;
+    };
+    let daemon = daemon.to_str().expect("utf-8 target path");
+    let (ok, stdout, stderr) = run_program(
+        env!("CARGO_BIN_EXE_vhost-user-mem-bench"),
+        &["--scale", "0.01", "--rounds", "1", "--daemon", daemon],
+    );
+    assert!(ok, "vhost-user-mem-bench failed:\n{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("st_blocks dropped by exactly the reported and the inflated bytes"),
+        "{stdout}"
+    );
+    let line = |prefix: &str| -> &str {
+        stdout
+            .lines()
+            .find(|line| line.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no line {prefix:?} in:\n{stdout}"))
+    };
+    // Numbers, not their values: the ratio after "ratio " parses.
+    for prefix in ["reporting throughput:", "inflate cost:"] {
+        let figure = line(prefix);
+        let ratio = figure
+            .split("ratio ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no ratio in {figure}"));
+        ratio
+            .parse::<f64>()
+            .unwrap_or_else(|_| panic!("not a number: {ratio} in {figure}"));
+    }
+    let resident = line("daemon resident memory: VmRSS");
+    assert!(
+        resident.ends_with(": MET") || resident.ends_with(": NOT MET"),
+        "{resident}"
+    );
+    assert!(
+        resident.contains("bitmap 0.3 KiB"),
+        "10 MiB of guest pages: {resident}"
+    );
+    for prefix in [
+        "daemon snapshot time vs ext-vmm's in-process writer:",
+        "page-server fault latency vs ext-snapshot's in-process lazy restore:",
+    ] {
+        assert!(line(prefix).contains("target <="), "{stdout}");
+    }
+    // The daemon went away with the bench.
+    let pid = stdout
+        .split("(pid ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .expect("the daemon's pid");
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "daemon {pid} left running"
+    );
+}
+
+#[test]
+fn vhost_user_mem_bench_refuses_bad_arguments() {
+    for (args, message) in [
+        (&["--scale", "0"][..], "--scale must be in (0, 64]"),
+        (&["--rounds", "0"], "--rounds must be at least 1"),
+        (
+            &["--scale", "0.01", "--daemon", "/nonexistent/vhost-user-mem"],
+            "starting /nonexistent/vhost-user-mem",
+        ),
+    ] {
+        let (ok, stdout, stderr) = run_program(env!("CARGO_BIN_EXE_vhost-user-mem-bench"), args);
+        assert!(!ok, "{args:?} accepted:\n{stdout}");
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+    }
 }

@@ -23,39 +23,7 @@ use ext_vmm::Vmm;
 use ext_vmm_api::{VmRestoreConfig, VmSnapshotConfig, VmState};
 
 use ext_vmm_tests::common::{kvm_available, wait_for, Calls};
-
-/// Steps the guest makes before powering off.
-const STEPS: u32 = 60_000;
-/// Guest-physical address of the counter.
-const COUNTER: u32 = 0x3000;
-
-/// The counting guest (32-bit code, entered like a PVH kernel).
-fn counting_guest() -> Vec<u8> {
-    let counter = COUNTER.to_le_bytes();
-    let mut code = vec![0xff, 0x05]; // loop: inc dword [COUNTER]
-    code.extend(counter);
-    code.push(0xa1); // mov eax, [COUNTER]
-    code.extend(counter);
-    code.extend([0x66, 0xba, 0xf8, 0x03]); // mov dx, 0x3f8
-    code.extend([0x24, 0x0f]); // and al, 0x0f
-    code.extend([0x04, b'a']); // add al, 'a'
-    code.push(0xee); // out dx, al
-    code.push(0xa1); // mov eax, [COUNTER]
-    code.extend(counter);
-    code.push(0x3d); // cmp eax, STEPS
-    code.extend(STEPS.to_le_bytes());
-    let back = -(code.len() as i8 + 2);
-    code.extend([0x75, back as u8]); // jne loop
-    code.extend([0x66, 0xba, 0xc0, 0x03]); // mov dx, 0x3c0 (ACPI sleep control)
-    code.extend([0xb0, 0x34]); // mov al, SLP_TYP 5 | SLP_EN
-    code.push(0xee); // out dx, al
-    code.extend([0xf4, 0xeb, 0xfd]); // hlt; jmp hlt
-    code
-}
-
-fn expected_output() -> Vec<u8> {
-    (1..=STEPS).map(|c| b'a' + (c % 16) as u8).collect()
-}
+use ext_vmm_tests::counting_guest::{counting_guest, expected_output, STEPS};
 
 fn config(dir: &Path) -> VmConfig {
     let kernel = dir.join("vmlinux");
@@ -118,6 +86,7 @@ fn restore_and_finish(snapshot: &Path, mode: RestoreMode, serial: &Path, prefix:
         source_url: url(snapshot),
         memory_restore_mode: mode,
         resume: true,
+        page_server: None,
     })
     .unwrap_or_else(|e| panic!("restore ({mode:?}): {e}"));
     assert_eq!(vmm.state(), VmState::Running);
@@ -161,6 +130,7 @@ fn a_snapshotted_guest_continues_exactly_in_every_restore_mode() {
             source_url: url(&snapshot),
             memory_restore_mode: RestoreMode::Lazy,
             resume: false,
+            page_server: None,
         })
         .unwrap(),
     );
@@ -206,6 +176,7 @@ fn damaged_snapshots_are_refused_before_a_vm_exists() {
                 source_url: url(&snapshot),
                 memory_restore_mode: None,
                 resume: None,
+                page_server: None,
             })
             .expect_err(what);
         assert_eq!(error.status(), 400, "{what}: {error:?}");
@@ -257,6 +228,7 @@ fn damaged_snapshots_are_refused_before_a_vm_exists() {
         source_url: url(&snapshot),
         memory_restore_mode: Some("mapped".into()),
         resume: None,
+        page_server: None,
     };
     slot.vm_restore(&body).unwrap();
     assert_eq!(slot.vm_info().unwrap().state, VmState::Paused);
@@ -360,6 +332,7 @@ fn a_diff_snapshot_restores_through_its_chain() {
         source_url: url(&diff),
         memory_restore_mode: RestoreMode::Mapped,
         resume: false,
+        page_server: None,
     });
     assert!(mapped.is_err(), "a diff chain restores with copy only");
     restore_and_finish(&diff, RestoreMode::Eager, &serial, &prefix);
@@ -496,6 +469,7 @@ fn an_ondemand_restore_whose_data_goes_bad_ends_the_vm_with_the_error() {
         source_url: url(&snapshot),
         memory_restore_mode: RestoreMode::Lazy,
         resume: false,
+        page_server: None,
     })
     .unwrap();
     let memory = snapshot.join("memory.ext-snapshot");

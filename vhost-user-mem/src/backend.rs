@@ -13,6 +13,7 @@ use std::sync::{Arc, PoisonError, RwLock, RwLockWriteGuard};
 
 use tracing::{debug, error, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::Backend;
 use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
@@ -24,6 +25,7 @@ use vmm_sys_util::event::{
 };
 
 use crate::balloon::{queue_kind, Balloon, QueueKind, DEVICE_FEATURES, MAX_QUEUES};
+use crate::config_change::ConfigChannel;
 use crate::error::{Error, Result};
 use crate::memory;
 
@@ -45,6 +47,10 @@ pub struct BalloonBackend {
     /// The current connection's vrings, learnt from the first queue event (vhost-user-backend
     /// hands them out nowhere else); needed to return the stats buffer from outside an event.
     vrings: Vec<VringRwLock>,
+    /// The current connection's backend request channel, for config-change messages.
+    config_channel: Option<ConfigChannel>,
+    /// vhost's handle of the same channel, kept so that its end stays open as long as ours.
+    backend_req: Option<Backend>,
 }
 
 impl BalloonBackend {
@@ -63,16 +69,27 @@ impl BalloonBackend {
         &self.balloon
     }
 
-    /// Sets the balloon target (`num_pages`) to `target_pages` 4 KiB pages.
+    /// Sets the balloon target (`num_pages`) to `target_pages` 4 KiB pages and tells the guest:
+    /// a `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG` on the backend request channel makes the
+    /// frontend raise the config interrupt, on which Linux's driver reads the new target.
     ///
-    /// The guest is *not* interrupted: vhost 0.16's backend request channel
-    /// (`vhost::vhost_user::Backend`) has no way to send `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`,
-    /// so this backend does not offer `VHOST_USER_PROTOCOL_F_BACKEND_REQ`. The guest sees the new
-    /// target when its driver next reads the config space: Linux does at probe and on every
-    /// config-change interrupt, which only the frontend can raise today.
-    pub fn resize(&mut self, target_pages: u32) {
+    /// Returns whether the guest was told. Without a channel (no frontend, a frontend that did
+    /// not accept `VHOST_USER_PROTOCOL_F_BACKEND_REQ`, or a send that failed: logged), the
+    /// target is kept and the guest sees it when its driver next reads the config space (at
+    /// probe, after a restore, or on the next config interrupt).
+    pub fn resize(&mut self, target_pages: u32) -> bool {
         debug!(target_pages, "balloon target set");
         self.balloon.set_target_pages(target_pages);
+        let Some(channel) = self.config_channel.as_ref() else {
+            return false;
+        };
+        match channel.notify_config_change() {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(error = %e, "config-change message failed; the guest reads the target later");
+                false
+            }
+        }
     }
 
     /// Returns the held stats buffer to the guest so that it sends fresh statistics.
@@ -117,6 +134,8 @@ impl BalloonBackend {
     pub fn connection_closed(&mut self) {
         self.mem = None;
         self.vrings.clear();
+        self.config_channel = None;
+        self.backend_req = None;
         self.event_idx = false;
         self.balloon.connection_closed();
     }
@@ -152,6 +171,14 @@ impl BalloonBackend {
             Err(e) => error!(index, ?kind, error = %e, "queue unusable"),
         }
     }
+
+    /// The guest memory of the current memory table: the daemon's own shared mappings of the
+    /// frontend's files. `None` before the first memory table and after a disconnect. The
+    /// mappings stay valid while the `Arc` lives, even if a new table replaces them, so a
+    /// caller can release the backend lock before reading guest memory.
+    pub fn guest_memory(&self) -> Option<Arc<GuestMemoryMmap<()>>> {
+        Some(self.mem.as_ref()?.memory().into_inner())
+    }
 }
 
 /// Locks a shared backend for writing; a panic elsewhere does not make the state unusable.
@@ -184,7 +211,15 @@ impl VhostUserBackendMut for BalloonBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::BACKEND_REQ
+    }
+
+    fn set_backend_req_fd(&mut self, backend: Backend) {
+        let held = self.config_channel.as_ref().map(ConfigChannel::raw_fd);
+        self.config_channel = ConfigChannel::find_new(held);
+        self.backend_req = Some(backend);
     }
 
     fn set_event_idx(&mut self, enabled: bool) {

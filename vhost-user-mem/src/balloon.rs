@@ -13,11 +13,12 @@
 //! back to the used ring so the guest does not wait for it.
 
 use std::collections::BTreeMap;
+use std::time::SystemTime;
 
 use tracing::{debug, warn};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::bitmap::Bitmap;
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestMemory, GuestMemoryMmap};
 
 use crate::error::{Error, Result};
 use crate::invalid_pages::InvalidPages;
@@ -51,6 +52,9 @@ pub const CONFIG_SIZE: usize = 16;
 /// Largest request (bytes of one chain) read from inflate, deflate or stats queues. Linux sends
 /// at most 256 PFNs (1 KiB) per inflate or deflate request and 16 stats entries.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// Size of one PFN in an inflate or deflate request (`le32`).
+pub const PFN_ENTRY_SIZE: usize = 4;
 
 /// Size of one `struct virtio_balloon_stat` (`le16 tag; le64 val;`, packed).
 pub const STAT_ENTRY_SIZE: usize = 10;
@@ -127,6 +131,8 @@ pub struct Balloon {
     /// Head of the stats buffer the device holds until it wants fresh stats (virtio 1.2
     /// §5.5.6.3: the device returns it to ask the guest for an update).
     held_stats_head: Option<u16>,
+    /// When the latest stats buffer was parsed.
+    stats_received_at: Option<SystemTime>,
 }
 
 impl Balloon {
@@ -174,6 +180,11 @@ impl Balloon {
     /// The latest value of each statistic the guest sent, by tag (`VIRTIO_BALLOON_S_*`).
     pub fn stats(&self) -> &BTreeMap<u16, u64> {
         &self.stats
+    }
+
+    /// When the guest's latest stats buffer arrived, `None` before the first one.
+    pub fn stats_received_at(&self) -> Option<SystemTime> {
+        self.stats_received_at
     }
 
     /// Whether the device holds a stats buffer it can return to ask for fresh stats.
@@ -285,15 +296,8 @@ impl Balloon {
         chain: DescriptorChain<&GuestMemoryMmap<B>>,
         mem: &GuestMemoryMmap<B>,
     ) -> Result<Disposition> {
-        let pfns = read_pfns(chain, mem)?;
-        for &pfn in &pfns {
-            memory::check_range(mem, pfn << PAGE_SHIFT, PAGE_SIZE)?;
-        }
-        // Sorted and deduplicated, consecutive pages become one hole each.
-        let mut sorted = pfns.clone();
-        sorted.sort_unstable();
-        sorted.dedup();
-        for (first, count) in runs(&sorted) {
+        let pfns = parse_pfns(&read_request(chain, mem)?, mem)?;
+        for (first, count) in page_runs(&pfns) {
             let (addr, len) = (first << PAGE_SHIFT, count << PAGE_SHIFT);
             match memory::punch_range(mem, addr, len) {
                 Ok(()) => self.counters.punched_bytes += len,
@@ -303,10 +307,10 @@ impl Balloon {
                     self.counters.punch_errors += 1;
                 }
             }
-        }
-        for pfn in sorted {
-            if self.invalid.insert(pfn) {
-                self.counters.inflated_pages += 1;
+            for pfn in first..first + count {
+                if self.invalid.insert(pfn) {
+                    self.counters.inflated_pages += 1;
+                }
             }
         }
         Ok(Disposition::Return)
@@ -317,10 +321,7 @@ impl Balloon {
         chain: DescriptorChain<&GuestMemoryMmap<B>>,
         mem: &GuestMemoryMmap<B>,
     ) -> Result<Disposition> {
-        let pfns = read_pfns(chain, mem)?;
-        for &pfn in &pfns {
-            memory::check_range(mem, pfn << PAGE_SHIFT, PAGE_SIZE)?;
-        }
+        let pfns = parse_pfns(&read_request(chain, mem)?, mem)?;
         // The pages stay holes: the guest faults them in as zero pages when it reuses them.
         for pfn in pfns {
             if self.invalid.remove(pfn) {
@@ -340,9 +341,7 @@ impl Balloon {
         let ranges: Vec<(u64, u64)> = chain
             .map(|desc| (desc.addr().0, u64::from(desc.len())))
             .collect();
-        for &(addr, len) in &ranges {
-            memory::check_range(mem, addr, len)?;
-        }
+        check_reported_ranges(&ranges, mem)?;
         for (addr, len) in ranges {
             self.counters.reported_bytes += len;
             match memory::punch_range(mem, addr, len) {
@@ -361,20 +360,10 @@ impl Balloon {
         chain: DescriptorChain<&GuestMemoryMmap<B>>,
         mem: &GuestMemoryMmap<B>,
     ) -> Result<Disposition> {
-        let bytes = read_request(chain, mem)?;
-        if bytes.is_empty() || bytes.len() % STAT_ENTRY_SIZE != 0 {
-            return Err(Error::Malformed {
-                len: bytes.len(),
-                entry: STAT_ENTRY_SIZE,
-            });
-        }
-        for entry in bytes.chunks_exact(STAT_ENTRY_SIZE) {
-            let tag = u16::from_le_bytes([entry[0], entry[1]]);
-            let mut val = [0u8; 8];
-            val.copy_from_slice(&entry[2..]);
-            self.stats.insert(tag, u64::from_le_bytes(val));
-        }
+        let entries = parse_stats(&read_request(chain, mem)?)?;
+        self.stats.extend(entries);
         self.counters.stats_updates += 1;
+        self.stats_received_at = Some(SystemTime::now());
         Ok(Disposition::Hold)
     }
 }
@@ -413,34 +402,79 @@ fn read_request<B: Bitmap + 'static>(
     Ok(bytes)
 }
 
-/// The PFNs (le32 each) of an inflate or deflate request.
-fn read_pfns<B: Bitmap + 'static>(
-    chain: DescriptorChain<&GuestMemoryMmap<B>>,
-    mem: &GuestMemoryMmap<B>,
-) -> Result<Vec<u64>> {
-    let bytes = read_request(chain, mem)?;
-    if bytes.is_empty() || bytes.len() % 4 != 0 {
-        return Err(Error::Malformed {
-            len: bytes.len(),
-            entry: 4,
-        });
+/// The PFNs of an inflate or deflate request (one function for both queues), from the bytes
+/// the guest put in the chain: little-endian `u32` page frame numbers of 4 KiB pages.
+///
+/// `Ok` holds them in the guest's order, duplicates kept; every one is a page inside `mem`.
+/// `Err(Error::Malformed)` if `bytes` is not a whole, non-zero number of
+/// [`PFN_ENTRY_SIZE`]-byte entries; `Err(Error::OutsideMemory)` if any page is not entirely
+/// inside guest memory (the request is then refused whole). Pure: reads nothing but its
+/// arguments.
+pub fn parse_pfns<M: GuestMemory>(bytes: &[u8], mem: &M) -> Result<Vec<u64>> {
+    let pfns = parse_entries(bytes, |entry: [u8; PFN_ENTRY_SIZE]| {
+        u64::from(u32::from_le_bytes(entry))
+    })?;
+    for &pfn in &pfns {
+        memory::check_range(mem, pfn << PAGE_SHIFT, PAGE_SIZE)?;
     }
-    Ok(bytes
-        .chunks_exact(4)
-        .map(|b| u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])))
-        .collect())
+    Ok(pfns)
 }
 
-/// Runs of consecutive PFNs as `(first, count)`: one hole per run.
-fn runs(pfns: &[u64]) -> Vec<(u64, u64)> {
+/// The statistics of a stats buffer (`struct virtio_balloon_stat { le16 tag; le64 val; }`,
+/// packed), in the guest's order. `Err(Error::Malformed)` if `bytes` is not a whole, non-zero
+/// number of [`STAT_ENTRY_SIZE`]-byte entries. Unknown tags are kept: the guest may know
+/// statistics this device does not name.
+pub fn parse_stats(bytes: &[u8]) -> Result<Vec<(u16, u64)>> {
+    parse_entries(bytes, |entry: [u8; STAT_ENTRY_SIZE]| {
+        let [t0, t1, v @ ..] = entry;
+        (u16::from_le_bytes([t0, t1]), u64::from_le_bytes(v))
+    })
+}
+
+/// Checks the ranges of one free page reporting chain, `(guest address, length in bytes)`, one
+/// per descriptor: `Ok(())` if every range is non-empty, 4 KiB aligned and entirely inside
+/// `mem` (only then may any of them be punched); otherwise the error of the first bad range
+/// (`Error::BadLength`, `Error::Unaligned`, `Error::OutsideMemory`), and the whole chain is
+/// refused. An empty chain is accepted: it reports nothing.
+pub fn check_reported_ranges<M: GuestMemory>(ranges: &[(u64, u64)], mem: &M) -> Result<()> {
+    ranges
+        .iter()
+        .try_for_each(|&(addr, len)| memory::check_range(mem, addr, len))
+}
+
+/// The holes an inflate punches for `pfns` (any order, duplicates allowed): the distinct
+/// PFNs, sorted, with consecutive ones merged, as `(first PFN, page count)`. One hole per run.
+pub fn page_runs(pfns: &[u64]) -> Vec<(u64, u64)> {
+    let mut sorted = pfns.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
     let mut runs: Vec<(u64, u64)> = Vec::new();
-    for &pfn in pfns {
+    for pfn in sorted {
         match runs.last_mut() {
             Some((first, count)) if *first + *count == pfn => *count += 1,
             _ => runs.push((pfn, 1)),
         }
     }
     runs
+}
+
+/// Splits a request into `N`-byte entries decoded by `decode`; a request that is empty or not
+/// a whole number of entries is malformed.
+fn parse_entries<const N: usize, T>(bytes: &[u8], decode: impl Fn([u8; N]) -> T) -> Result<Vec<T>> {
+    if bytes.is_empty() || bytes.len() % N != 0 {
+        return Err(Error::Malformed {
+            len: bytes.len(),
+            entry: N,
+        });
+    }
+    Ok(bytes
+        .chunks_exact(N)
+        .map(|chunk| {
+            let mut entry = [0u8; N];
+            entry.copy_from_slice(chunk);
+            decode(entry)
+        })
+        .collect())
 }
 
 #[cfg(test)]

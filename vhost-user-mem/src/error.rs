@@ -4,7 +4,8 @@
 //! returns the descriptor chain to the used ring; they never end the daemon. [`Error::Punch`]
 //! is the host refusing a hole (logged and counted, the request still succeeds),
 //! [`Error::Queue`] a queue whose rings are unusable. [`Error::Listener`], [`Error::Daemon`],
-//! [`Error::Signal`] and the configuration errors are the daemon's own.
+//! [`Error::Signal`] and the configuration errors are the daemon's own; the control API and
+//! snapshot variants come last.
 
 use std::io;
 use std::path::PathBuf;
@@ -112,6 +113,38 @@ pub enum Error {
     /// The vhost-user daemon framework failed outside a connection (thread start, accept).
     #[error("vhost-user daemon: {0}")]
     Daemon(String),
+    /// `--api-socket` names the same path as `--socket`.
+    #[error("the control API socket and the vhost-user socket are both {0}")]
+    SameSocketTwice(PathBuf),
+    /// The control API socket could not be created or served.
+    #[error("control API socket {path}")]
+    ApiSocket {
+        /// The socket path.
+        path: PathBuf,
+        /// The system error.
+        #[source]
+        source: io::Error,
+    },
+    /// A request needs guest memory and no frontend has sent a memory table.
+    #[error("no guest memory: no frontend has sent a memory table")]
+    NoMemoryTable,
+    /// A snapshot destination is not an absolute file path in an existing directory.
+    #[error("snapshot destination {path}: {reason}")]
+    SnapshotDestination {
+        /// The destination asked for.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// ext-snapshot could not write the snapshot (nothing is left at the destination).
+    #[error("writing the snapshot {path} failed")]
+    Snapshot {
+        /// The destination.
+        path: PathBuf,
+        /// ext-snapshot's error.
+        #[source]
+        source: ext_snapshot::Error,
+    },
 }
 
 /// Result with this crate's [`Error`].

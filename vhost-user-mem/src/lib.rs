@@ -13,16 +13,25 @@
 //! - [`invalid_pages`]: the invalid-page map;
 //! - [`backend`]: `VhostUserBackendMut` for the balloon;
 //! - [`daemon`]: the serve loop that listens again after each frontend disconnect;
+//! - [`api`]: the control API (HTTP/JSON on its own unix socket, `openapi.yaml`): status,
+//!   resize, stats, the invalid-page map, snapshots;
+//! - [`snapshot`]: ext-snapshot files of guest memory written by the daemon, inflated pages
+//!   typed `Invalid`;
+//! - [`page_server`]: the lazy page server (`serve --snapshot`) and its VMM-side client;
 //! - the `vhost-user-mem` binary: arguments into a [`daemon::DaemonConfig`], then the loop.
 //!
-//! Not here yet: the control API, snapshots, the lazy page server (see the README).
+//! Not here yet: the lazy page server (see the README).
 
+pub mod api;
 pub mod backend;
 pub mod balloon;
+pub mod config_change;
 pub mod daemon;
 pub mod error;
 pub mod invalid_pages;
 pub mod memory;
+pub mod page_server;
+pub mod snapshot;
 
 pub use backend::{BalloonBackend, SharedBackend};
 pub use daemon::{Daemon, DaemonConfig};

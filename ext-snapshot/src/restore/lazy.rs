@@ -24,9 +24,12 @@
 //! with that error. Only once the caller drops the [`LazyRestore`] (or after
 //! [`FAILURE_GRACE`], so that threads blocked in faults cannot hang a VMM that is stopping
 //! them) does it close the userfaultfd, which wakes every blocked fault.
+//!
+//! The fault loop itself is [`FaultHandler`], public so that a process that receives a
+//! userfaultfd from a VMM (the `vhost-user-mem` page server) serves it the same way.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -158,6 +161,8 @@ impl<B: Bitmap> Drop for LazyRestore<B> {
 struct FileMap {
     address: *mut u8,
     len: usize,
+    /// The mapped file, to check its length before reading an extent.
+    file: File,
 }
 
 // SAFETY: the mapping is read-only and owned by this value alone; sending it to the handler
@@ -194,19 +199,38 @@ impl FileMap {
         Ok(FileMap {
             address: address.cast(),
             len,
+            file: file
+                .try_clone()
+                .map_err(|e| Error::io("dup snapshot file", e))?,
         })
     }
 
-    /// The bytes `[offset, offset + len)`; the parser guaranteed extents lie in the file.
-    fn bytes(&self, offset: u64, len: u64) -> &[u8] {
-        assert!(
-            offset + len <= self.len as u64,
-            "extent outside the snapshot file"
-        );
+    /// The bytes of the mapping that are still backed by the file now.
+    fn readable_len(&self) -> Result<u64> {
+        let now = self
+            .file
+            .metadata()
+            .map_err(|e| Error::io("stat snapshot file", e))?
+            .len();
+        Ok(now.min(self.len as u64))
+    }
+
+    /// The bytes `[offset, offset + len)`; `Err(Truncated)` if they are not all in the mapping
+    /// (the file was shorter when mapped than its extents say).
+    fn bytes(&self, offset: u64, len: u64) -> Result<&[u8]> {
+        offset
+            .checked_add(len)
+            .filter(|&end| end <= self.len as u64)
+            .ok_or_else(|| {
+                Error::Truncated(format!(
+                    "extent at {offset:#x} of {len:#x} bytes is past the end of the snapshot"
+                ))
+            })?;
         // SAFETY: in bounds (checked above) of a live read-only mapping owned by `self`. The
         // file is a snapshot nobody writes while it is restored; a truncation by another
-        // process would raise SIGBUS, not undefined behaviour in safe code reading it.
-        unsafe { std::slice::from_raw_parts(self.address.add(offset as usize), len as usize) }
+        // process would raise SIGBUS, not undefined behaviour in safe code reading it (the
+        // handler checks the file's length before it first reads an extent).
+        Ok(unsafe { std::slice::from_raw_parts(self.address.add(offset as usize), len as usize) })
     }
 }
 
@@ -229,6 +253,23 @@ struct RegionState {
     unmapped: bool,
 }
 
+impl RegionState {
+    fn contains(&self, address: usize) -> bool {
+        !self.unmapped
+            && address >= self.host_start
+            && address - self.host_start < self.size as usize
+    }
+
+    fn page_address(&self, page: u64) -> usize {
+        self.host_start + (page * PAGE_SIZE) as usize
+    }
+
+    /// Whether `page` can still be copied from the snapshot: not served, not discarded.
+    fn copyable(&self, page: u64) -> bool {
+        !bit(&self.served, page) && !bit(&self.discarded, page)
+    }
+}
+
 fn bit(bits: &[u64], page: u64) -> bool {
     bits[(page / 64) as usize] & (1 << (page % 64)) != 0
 }
@@ -237,6 +278,19 @@ fn set_bits(bits: &mut [u64], first: u64, count: u64) {
     for page in first..first + count {
         bits[(page / 64) as usize] |= 1 << (page % 64);
     }
+}
+
+/// `Err(NeedsParent)` for a snapshot that cannot be restored on its own.
+fn check_standalone(snapshot: &SnapshotFile) -> Result<()> {
+    let same_as_parent = snapshot
+        .regions()
+        .iter()
+        .flat_map(|r| &r.runs)
+        .any(|run| run.page_type == PageType::SameAsParent);
+    if snapshot.is_diff() || same_as_parent {
+        return Err(Error::NeedsParent);
+    }
+    Ok(())
 }
 
 /// Restores the snapshot file at `path` lazily. The snapshot's structure is validated before
@@ -253,49 +307,18 @@ pub fn restore_lazy_with_hook<B: NewBitmap>(
     on_failure: FailureHook,
 ) -> Result<LazyRestore<B>> {
     let snapshot = SnapshotFile::open(path)?;
-    if snapshot.is_diff()
-        || snapshot
-            .regions()
-            .iter()
-            .flat_map(|r| &r.runs)
-            .any(|run| run.page_type == PageType::SameAsParent)
-    {
-        return Err(Error::NeedsParent);
-    }
-    let source = FileMap::new(snapshot.file())?;
-    let uffd = UffdBuilder::new()
-        .close_on_exec(true)
-        .non_blocking(false)
-        .user_mode_only(false)
-        .require_features(FeatureFlags::EVENT_UNMAP | FeatureFlags::EVENT_REMOVE)
-        .create()
-        .map_err(|e| Error::UnsupportedMemory(format!("userfaultfd: {e}")))?;
+    check_standalone(&snapshot)?;
+    let uffd = create_userfaultfd()?;
 
     let mut guest_regions = Vec::with_capacity(snapshot.regions().len());
-    let mut states = Vec::with_capacity(snapshot.regions().len());
-    for region in snapshot.regions().iter().cloned() {
+    let mut host_starts = Vec::with_capacity(snapshot.regions().len());
+    for region in snapshot.regions() {
         let size = usize::try_from(region.size)
             .map_err(|_| Error::UnsupportedMemory(format!("region of {:#x} bytes", region.size)))?;
         let mapping =
             MmapRegion::<B>::new(size).map_err(|e| Error::UnsupportedMemory(e.to_string()))?;
-        let registered = uffd
-            .register(mapping.as_ptr().cast(), size)
-            .map_err(|e| Error::UnsupportedMemory(format!("userfaultfd register: {e}")))?;
-        if !registered.contains(IoctlFlags::COPY | IoctlFlags::ZEROPAGE) {
-            return Err(Error::UnsupportedMemory(
-                "userfaultfd lacks UFFDIO_COPY or UFFDIO_ZEROPAGE".into(),
-            ));
-        }
-        let words = region.pages().div_ceil(64) as usize;
-        states.push(RegionState {
-            host_start: mapping.as_ptr() as usize,
-            size: region.size,
-            served: vec![0; words],
-            discarded: vec![0; words],
-            verified: vec![false; region.runs.len()],
-            runs: region.runs,
-            unmapped: false,
-        });
+        register_missing(&uffd, mapping.as_ptr(), size)?;
+        host_starts.push(mapping.as_ptr() as usize);
         guest_regions.push(
             GuestRegionMmap::new(mapping, GuestAddress(region.guest_addr)).ok_or_else(|| {
                 Error::UnsupportedMemory(format!(
@@ -308,14 +331,9 @@ pub fn restore_lazy_with_hook<B: NewBitmap>(
     let memory = GuestMemoryMmap::from_regions(guest_regions)
         .map_err(|e| Error::UnsupportedMemory(e.to_string()))?;
 
-    let counters = Arc::new(LazyCounters::default());
+    let mut handler = FaultHandler::new(&snapshot, uffd, &host_starts)?;
+    let counters = handler.counters();
     let failure = Arc::new(Mutex::new(None));
-    let mut handler = Handler {
-        uffd,
-        source,
-        regions: states,
-        counters: Arc::clone(&counters),
-    };
     let thread_failure = Arc::clone(&failure);
     let released = Arc::new((Mutex::new(false), Condvar::new()));
     let thread_released = Arc::clone(&released);
@@ -357,42 +375,263 @@ pub fn restore_lazy_with_hook<B: NewBitmap>(
     })
 }
 
-struct Handler {
+/// A new userfaultfd (close-on-exec, non-blocking) with the remove and unmap events a
+/// [`FaultHandler`] needs to serve discarded pages as zero and to notice unmapped memory.
+pub fn create_userfaultfd() -> Result<Uffd> {
+    UffdBuilder::new()
+        .close_on_exec(true)
+        .non_blocking(true)
+        .user_mode_only(false)
+        .require_features(FeatureFlags::EVENT_UNMAP | FeatureFlags::EVENT_REMOVE)
+        .create()
+        .map_err(|e| Error::UnsupportedMemory(format!("userfaultfd: {e}")))
+}
+
+/// Registers the `len` bytes at `start` with `uffd` in missing mode; `Err` unless the kernel
+/// offers `UFFDIO_COPY` and `UFFDIO_ZEROPAGE` there.
+pub fn register_missing(uffd: &Uffd, start: *mut u8, len: usize) -> Result<()> {
+    let registered = uffd
+        .register(start.cast(), len)
+        .map_err(|e| Error::UnsupportedMemory(format!("userfaultfd register: {e}")))?;
+    if !registered.contains(IoctlFlags::COPY | IoctlFlags::ZEROPAGE) {
+        return Err(Error::UnsupportedMemory(
+            "userfaultfd lacks UFFDIO_COPY or UFFDIO_ZEROPAGE".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// How long a fault whose `UFFDIO_COPY` or `UFFDIO_ZEROPAGE` met a changing address space
+/// (`EAGAIN`: a remove or unmap event not read yet) waits before it is tried again.
+pub const DEFERRED_RETRY: Duration = Duration::from_millis(1);
+
+/// Serves the page faults of memory registered with a userfaultfd (missing mode) from a
+/// snapshot file: the fault loop of [`restore_lazy`], usable by any process that holds the
+/// userfaultfd, including one that received it from the VMM over a unix socket (the
+/// `vhost-user-mem` page server).
+///
+/// Data pages are copied (`UFFDIO_COPY`) after their extent's crc32c was checked on first use,
+/// a stretch of not yet served pages of the faulting run at once (at most
+/// [`set_max_copy_pages`](Self::set_max_copy_pages) pages); other pages, and pages the guest
+/// discarded since (remove events), get the zero page (`UFFDIO_ZEROPAGE`), only the faulting
+/// one. A copy that meets a changing address space (`EAGAIN`) is retried after the pending
+/// events are read; a page that is already present (`EEXIST`) just wakes its waiter. When the
+/// faulting process is gone (`ESRCH`) every region counts as unmapped.
+///
+/// An `Err` from any method means the handler failed: the fault it was serving stays
+/// unresolved, and no further fault should be served (never a zero page where data was). The
+/// faulting threads stay blocked until the userfaultfd is closed by every holder.
+pub struct FaultHandler {
     uffd: Uffd,
     source: FileMap,
     regions: Vec<RegionState>,
     counters: Arc<LazyCounters>,
+    max_copy_pages: u64,
+    /// Faults whose resolution met `EAGAIN`, to try again.
+    deferred: Vec<usize>,
+    /// Background copy position `(region, run)`; `None` when off or done.
+    prefault: Option<(usize, usize)>,
 }
 
-impl Handler {
-    fn run(&mut self) -> Result<()> {
-        while self.regions.iter().any(|r| !r.unmapped) {
-            let event = self
-                .uffd
-                .read_event()
-                .map_err(|e| Error::UnsupportedMemory(format!("reading userfaultfd: {e}")))?;
-            match event {
-                Some(Event::Pagefault { addr, .. }) => self.serve(addr as usize)?,
-                Some(Event::Remove { start, end }) => {
-                    self.for_pages(start as usize, end as usize, |state, first, count| {
-                        set_bits(&mut state.discarded, first, count);
-                    })
-                }
-                Some(Event::Unmap { start, end }) => {
-                    let (start, end) = (start as usize, end as usize);
-                    for state in &mut self.regions {
-                        if start <= state.host_start
-                            && end >= state.host_start + state.size as usize
-                        {
-                            state.unmapped = true;
-                        }
-                    }
-                }
-                // Fork and remap events are not requested; a spurious empty read is retried.
-                Some(_) | None => {}
+impl FaultHandler {
+    /// A handler for `uffd`, with region `i` of `snapshot` mapped at `host_starts[i]` in the
+    /// process that registered it (the whole region, in missing mode). Puts `uffd` into
+    /// non-blocking mode. `Err(NeedsParent)` for a diff, `Err(RegionMismatch)` when
+    /// `host_starts` does not have one page-aligned address per region.
+    pub fn new(snapshot: &SnapshotFile, uffd: Uffd, host_starts: &[usize]) -> Result<Self> {
+        check_standalone(snapshot)?;
+        if host_starts.len() != snapshot.regions().len() {
+            return Err(Error::RegionMismatch(format!(
+                "{} host addresses for {} snapshot regions",
+                host_starts.len(),
+                snapshot.regions().len()
+            )));
+        }
+        set_non_blocking(&uffd)?;
+        let source = FileMap::new(snapshot.file())?;
+        let mut regions = Vec::with_capacity(host_starts.len());
+        for (region, &host_start) in snapshot.regions().iter().zip(host_starts) {
+            let fits = usize::try_from(region.size)
+                .ok()
+                .and_then(|size| host_start.checked_add(size))
+                .is_some();
+            if host_start == 0 || host_start as u64 % PAGE_SIZE != 0 || !fits {
+                return Err(Error::RegionMismatch(format!(
+                    "host address {host_start:#x} for the region at {:#x} of {:#x} bytes",
+                    region.guest_addr, region.size
+                )));
             }
+            let words = region.pages().div_ceil(64) as usize;
+            regions.push(RegionState {
+                host_start,
+                size: region.size,
+                served: vec![0; words],
+                discarded: vec![0; words],
+                verified: vec![false; region.runs.len()],
+                runs: region.runs.clone(),
+                unmapped: false,
+            });
+        }
+        Ok(FaultHandler {
+            uffd,
+            source,
+            regions,
+            counters: Arc::default(),
+            max_copy_pages: crate::format::MAX_DATA_RUN_PAGES,
+            deferred: Vec::new(),
+            prefault: None,
+        })
+    }
+
+    /// Copies at most `pages` pages (at least 1) per `UFFDIO_COPY`. The default is a whole
+    /// data run (up to 4 MiB).
+    pub fn set_max_copy_pages(&mut self, pages: u64) {
+        self.max_copy_pages = pages.max(1);
+    }
+
+    /// Turns on the background copy of every data page: [`prefault_step`](Self::prefault_step)
+    /// then copies the next stretch. Pages without data are never prefaulted.
+    pub fn enable_prefault(&mut self) {
+        self.prefault = Some((0, 0));
+    }
+
+    /// The live counters (shared: they keep counting while the handler runs).
+    pub fn counters(&self) -> Arc<LazyCounters> {
+        Arc::clone(&self.counters)
+    }
+
+    /// The userfaultfd served (for polling it together with other descriptors).
+    pub fn uffd(&self) -> &Uffd {
+        &self.uffd
+    }
+
+    /// Whether every region was unmapped (or the faulting process is gone): nothing can
+    /// fault any more.
+    pub fn finished(&self) -> bool {
+        self.regions.iter().all(|r| r.unmapped)
+    }
+
+    /// Whether there is work besides waiting for events: deferred faults, or a background copy
+    /// not yet done.
+    pub fn has_work(&self) -> bool {
+        !self.deferred.is_empty() || self.prefault.is_some()
+    }
+
+    /// Whether faults wait for a retry ([`DEFERRED_RETRY`]).
+    pub fn has_deferred(&self) -> bool {
+        !self.deferred.is_empty()
+    }
+
+    /// Serves until every region is unmapped: the loop of [`restore_lazy`]'s handler thread.
+    pub fn run(&mut self) -> Result<()> {
+        while !self.finished() {
+            let timeout = self.has_deferred().then_some(DEFERRED_RETRY);
+            poll_readable(self.uffd.as_raw_fd(), timeout)?;
+            self.serve_pending()?;
         }
         Ok(())
+    }
+
+    /// Reads and serves every event queued on the userfaultfd now (without blocking), then
+    /// tries the deferred faults again.
+    pub fn serve_pending(&mut self) -> Result<()> {
+        loop {
+            match self.uffd.read_event() {
+                Ok(Some(event)) => self.handle_event(event)?,
+                Ok(None) => break,
+                Err(e) => {
+                    return Err(Error::UnsupportedMemory(format!(
+                        "reading userfaultfd: {e}"
+                    )))
+                }
+            }
+        }
+        for address in std::mem::take(&mut self.deferred) {
+            self.serve(address)?;
+        }
+        Ok(())
+    }
+
+    /// Serves one event read from the userfaultfd.
+    pub fn handle_event(&mut self, event: Event) -> Result<()> {
+        match event {
+            Event::Pagefault { addr, .. } => {
+                self.counters.faults.fetch_add(1, Ordering::Relaxed);
+                self.serve(addr as usize)
+            }
+            Event::Remove { start, end } => {
+                self.for_pages(start as usize, end as usize, |state, first, count| {
+                    set_bits(&mut state.discarded, first, count);
+                });
+                Ok(())
+            }
+            Event::Unmap { start, end } => {
+                let (start, end) = (start as usize, end as usize);
+                // Pages unmapped from part of a region fault no more; a later mapping there
+                // is not registered. A region unmapped whole is done.
+                self.for_pages(start, end, |state, first, count| {
+                    set_bits(&mut state.discarded, first, count);
+                });
+                for state in &mut self.regions {
+                    if start <= state.host_start && end >= state.host_start + state.size as usize {
+                        state.unmapped = true;
+                    }
+                }
+                Ok(())
+            }
+            Event::Remap { from, to, len } => {
+                let (from, to) = (from as usize, to as usize);
+                for state in &mut self.regions {
+                    let end = state.host_start + state.size as usize;
+                    if state.host_start >= from && end <= from + len {
+                        state.host_start = to + (state.host_start - from);
+                    } else if state.host_start < from + len && end > from {
+                        return Err(Error::UnsupportedMemory(format!(
+                            "mremap of part of the restored region at {:#x}",
+                            state.host_start
+                        )));
+                    }
+                }
+                Ok(())
+            }
+            // The child of a fork gets its own userfaultfd; dropping it leaves the child's
+            // copy of the memory to the kernel (it is not a guest).
+            Event::Fork { uffd } => {
+                drop(uffd);
+                Ok(())
+            }
+        }
+    }
+
+    /// Copies the next stretch of data pages not served yet (the background copy turned on
+    /// by [`enable_prefault`](Self::enable_prefault)). `Ok(false)` when there is nothing
+    /// (left) to copy.
+    pub fn prefault_step(&mut self) -> Result<bool> {
+        while let Some((index, run_index)) = self.prefault {
+            let Some(state) = self.regions.get(index) else {
+                self.prefault = None;
+                return Ok(false);
+            };
+            let Some(run) = state
+                .runs
+                .get(run_index)
+                .copied()
+                .filter(|_| !state.unmapped)
+            else {
+                self.prefault = Some((index + 1, 0));
+                continue;
+            };
+            let next = (run.first_page..run.first_page + run.pages)
+                .find(|&page| run.page_type.has_data() && state.copyable(page));
+            match next {
+                Some(page) => {
+                    self.copy_data(index, run_index, page, false)?;
+                    return Ok(true);
+                }
+                None => self.prefault = Some((index, run_index + 1)),
+            }
+        }
+        Ok(false)
     }
 
     /// Applies `action` to the pages of every region overlapping `[start, end)`.
@@ -414,96 +653,134 @@ impl Handler {
     }
 
     fn serve(&mut self, address: usize) -> Result<()> {
-        self.counters.faults.fetch_add(1, Ordering::Relaxed);
-        let Some(index) = self
-            .regions
-            .iter()
-            .position(|r| address >= r.host_start && address < r.host_start + r.size as usize)
-        else {
+        let Some(index) = self.regions.iter().position(|r| r.contains(address)) else {
             return Err(Error::UnsupportedMemory(format!(
                 "fault at {address:#x} outside the restored regions"
             )));
         };
-        let state = &mut self.regions[index];
+        let state = &self.regions[index];
         let page = (address - state.host_start) as u64 / PAGE_SIZE;
         let run_index = state.runs.partition_point(|r| r.first_page <= page) - 1;
         let run = state.runs[run_index];
-        if bit(&state.discarded, page) || !run.page_type.has_data() {
+        // A served page that faults again was either resolved already for another thread
+        // (the zero page then finds it present and only wakes) or dropped without a remove
+        // event, where zero is what the guest must read.
+        if !run.page_type.has_data() || !state.copyable(page) {
             return self.zero_page(index, page);
         }
-        if bit(&state.served, page) {
-            // Several threads faulted on the page; the first fault's copy already filled it.
-            let target = state.host_start + (page * PAGE_SIZE) as usize;
-            return self.wake(target);
-        }
+        self.copy_data(index, run_index, page, true)
+    }
+
+    /// Copies the stretch of not yet served pages of run `run_index` around `page` (only
+    /// after it when `around` is false), at most `max_copy_pages` pages.
+    fn copy_data(&mut self, index: usize, run_index: usize, page: u64, around: bool) -> Result<()> {
+        self.verify(index, run_index)?;
+        let max = self.max_copy_pages;
+        let state = &self.regions[index];
+        let run = state.runs[run_index];
         let Some(extent) = run.extent else {
             return Err(Error::Inconsistent("data run without extent".into()));
         };
-        if !state.verified[run_index] {
-            let bytes = self.source.bytes(extent.offset, extent.len);
-            let computed = crc32c::crc32c(bytes);
-            if computed != extent.crc {
-                return Err(Error::BadChecksum {
-                    what: format!("extent at offset {:#x}", extent.offset),
-                    stored: extent.crc,
-                    computed,
-                });
-            }
-            state.verified[run_index] = true;
-            self.counters
-                .extents_verified
-                .fetch_add(1, Ordering::Relaxed);
-        }
-        // The stretch of unserved, not discarded pages of this run around the fault.
         let run_end = run.first_page + run.pages;
-        let mut first = page;
-        while first > run.first_page
-            && !bit(&state.served, first - 1)
-            && !bit(&state.discarded, first - 1)
-        {
-            first -= 1;
-        }
         let mut last = page + 1;
-        while last < run_end && !bit(&state.served, last) && !bit(&state.discarded, last) {
+        while last < run_end && last - page < max && state.copyable(last) {
             last += 1;
+        }
+        let mut first = page;
+        while around && first > run.first_page && last - first < max && state.copyable(first - 1) {
+            first -= 1;
         }
         let source = self
             .source
             .bytes(
                 extent.offset + (first - run.first_page) * PAGE_SIZE,
                 (last - first) * PAGE_SIZE,
-            )
+            )?
             .as_ptr();
-        let target = state.host_start + (first * PAGE_SIZE) as usize;
+        let target = state.page_address(first);
         let len = ((last - first) * PAGE_SIZE) as usize;
         // SAFETY: `source` is `len` readable bytes of the live file mapping; `target` is `len`
-        // bytes inside a region registered with this userfaultfd and still mapped (unmapped
-        // regions raise no faults). UFFDIO_COPY only fills missing pages there.
+        // bytes inside a region registered with this userfaultfd in the faulting process and
+        // still mapped there (unmapped regions raise no faults). UFFDIO_COPY only fills
+        // missing pages there and touches no memory of this process but the source.
         let copied = unsafe { self.uffd.copy(source.cast(), target as *mut _, len, true) };
-        match copied {
-            Ok(_) => {
-                set_bits(&mut state.served, first, last - first);
-                self.counters
-                    .data_pages_copied
-                    .fetch_add(last - first, Ordering::Relaxed);
-                Ok(())
+        let done = match copied {
+            Ok(_) => last - first,
+            Err(userfaultfd::Error::PartiallyCopied(bytes)) if bytes > 0 && bytes < len => {
+                bytes as u64 / PAGE_SIZE
             }
-            // Part of the stretch was populated behind our back (or only partly copied):
-            // serve just the faulting page and wake its waiter.
-            Err(userfaultfd::Error::PartiallyCopied(_))
-            | Err(userfaultfd::Error::CopyFailed(_)) => self.copy_one(
-                index,
-                page,
-                extent.offset + (page - run.first_page) * PAGE_SIZE,
-            ),
-            Err(e) => Err(Error::UnsupportedMemory(format!("UFFDIO_COPY: {e}"))),
+            // Nothing copied because the address space is changing: try once the pending
+            // events are read.
+            Err(userfaultfd::Error::PartiallyCopied(_)) => {
+                self.deferred.push(self.regions[index].page_address(page));
+                return Ok(());
+            }
+            Err(userfaultfd::Error::CopyFailed(errno)) if errno as i32 == libc::ESRCH => {
+                self.process_gone();
+                return Ok(());
+            }
+            // Some page of the stretch is present already: go page by page.
+            Err(userfaultfd::Error::CopyFailed(errno)) if errno as i32 == libc::EEXIST => 0,
+            Err(e) => return Err(Error::UnsupportedMemory(format!("UFFDIO_COPY: {e}"))),
+        };
+        set_bits(&mut self.regions[index].served, first, done);
+        self.counters
+            .data_pages_copied
+            .fetch_add(done, Ordering::Relaxed);
+        if done == last - first {
+            return Ok(());
         }
+        // What the kernel did not copy: the faulting page alone (woken when done), or for a
+        // background copy the rest of the stretch, one page at a time.
+        let rest = if around {
+            page..page + 1
+        } else {
+            first + done..last
+        };
+        for page in rest {
+            if self.regions[index].copyable(page) {
+                let offset = extent.offset + (page - run.first_page) * PAGE_SIZE;
+                self.copy_one(index, page, offset)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the crc32c of run `run_index`'s extent the first time the run is used.
+    fn verify(&mut self, index: usize, run_index: usize) -> Result<()> {
+        if self.regions[index].verified[run_index] {
+            return Ok(());
+        }
+        let Some(extent) = self.regions[index].runs[run_index].extent else {
+            return Err(Error::Inconsistent("data run without extent".into()));
+        };
+        // Reading past the end of a file truncated since it was mapped would raise SIGBUS.
+        let file_len = self.source.readable_len()?;
+        if extent.offset + extent.len > file_len {
+            return Err(Error::Truncated(format!(
+                "the snapshot file is {file_len:#x} bytes, the extent at {:#x} ends past it",
+                extent.offset
+            )));
+        }
+        let computed = crc32c::crc32c(self.source.bytes(extent.offset, extent.len)?);
+        if computed != extent.crc {
+            return Err(Error::BadChecksum {
+                what: format!("extent at offset {:#x}", extent.offset),
+                stored: extent.crc,
+                computed,
+            });
+        }
+        self.regions[index].verified[run_index] = true;
+        self.counters
+            .extents_verified
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     fn copy_one(&mut self, index: usize, page: u64, file_offset: u64) -> Result<()> {
-        let target = self.regions[index].host_start + (page * PAGE_SIZE) as usize;
-        let source = self.source.bytes(file_offset, PAGE_SIZE).as_ptr();
-        // SAFETY: as in `serve`, for one page.
+        let target = self.regions[index].page_address(page);
+        let source = self.source.bytes(file_offset, PAGE_SIZE)?.as_ptr();
+        // SAFETY: as in `copy_data`, for one page.
         let result = unsafe {
             self.uffd
                 .copy(source.cast(), target as *mut _, PAGE_SIZE as usize, true)
@@ -517,6 +794,14 @@ impl Handler {
             Err(userfaultfd::Error::CopyFailed(errno)) if errno as i32 == libc::EEXIST => {
                 self.wake(target)?;
             }
+            Err(userfaultfd::Error::CopyFailed(errno)) if errno as i32 == libc::ESRCH => {
+                self.process_gone();
+                return Ok(());
+            }
+            Err(userfaultfd::Error::PartiallyCopied(_)) => {
+                self.deferred.push(target);
+                return Ok(());
+            }
             Err(e) => return Err(Error::UnsupportedMemory(format!("UFFDIO_COPY: {e}"))),
         }
         set_bits(&mut self.regions[index].served, page, 1);
@@ -524,7 +809,7 @@ impl Handler {
     }
 
     fn zero_page(&mut self, index: usize, page: u64) -> Result<()> {
-        let target = self.regions[index].host_start + (page * PAGE_SIZE) as usize;
+        let target = self.regions[index].page_address(page);
         // SAFETY: one page inside a registered, mapped region; UFFDIO_ZEROPAGE maps the zero
         // page only where nothing is mapped.
         let result = unsafe {
@@ -541,6 +826,14 @@ impl Handler {
             Err(userfaultfd::Error::ZeropageFailed(errno)) if errno as i32 == libc::EEXIST => {
                 self.wake(target)
             }
+            Err(userfaultfd::Error::ZeropageFailed(errno)) if errno as i32 == libc::EAGAIN => {
+                self.deferred.push(target);
+                Ok(())
+            }
+            Err(userfaultfd::Error::ZeropageFailed(errno)) if errno as i32 == libc::ESRCH => {
+                self.process_gone();
+                Ok(())
+            }
             Err(e) => Err(Error::UnsupportedMemory(format!("UFFDIO_ZEROPAGE: {e}"))),
         }
     }
@@ -550,4 +843,57 @@ impl Handler {
             .wake(target as *mut _, PAGE_SIZE as usize)
             .map_err(|e| Error::UnsupportedMemory(format!("UFFDIO_WAKE: {e}")))
     }
+
+    /// The faulting process exited: nothing will fault again.
+    fn process_gone(&mut self) {
+        for state in &mut self.regions {
+            state.unmapped = true;
+        }
+        self.deferred.clear();
+        self.prefault = None;
+    }
+}
+
+/// Puts `uffd` into non-blocking mode: poll(2) on a blocking userfaultfd reports `POLLERR`.
+fn set_non_blocking(uffd: &Uffd) -> Result<()> {
+    let fd = uffd.as_raw_fd();
+    // SAFETY: F_GETFL on a descriptor owned by `uffd` reads its status flags only.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: F_SETFL on the same descriptor changes only its status flags.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(Error::io(
+            "making the userfaultfd non-blocking",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
+/// Waits until the userfaultfd `fd` has events or `timeout` passes (`None`: no limit).
+/// `Ok(true)` when it has events; `Err` when it cannot be polled (not a userfaultfd, or one
+/// without the `UFFDIO_API` handshake, reports `POLLERR`).
+pub fn poll_readable(fd: RawFd, timeout: Option<Duration>) -> Result<bool> {
+    let mut pollfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let millis = timeout.map_or(-1, |t| {
+        i32::try_from(t.as_millis().max(1)).unwrap_or(i32::MAX)
+    });
+    // SAFETY: one valid pollfd for the whole call.
+    let rc = unsafe { libc::poll(&mut pollfd, 1, millis) };
+    if rc < 0 {
+        let error = std::io::Error::last_os_error();
+        if error.kind() == std::io::ErrorKind::Interrupted {
+            return Ok(false);
+        }
+        return Err(Error::io("polling the userfaultfd", error));
+    }
+    if pollfd.revents & (libc::POLLERR | libc::POLLNVAL) != 0 {
+        return Err(Error::UnsupportedMemory(
+            "the userfaultfd cannot be polled (not initialized with UFFDIO_API?)".into(),
+        ));
+    }
+    Ok(pollfd.revents & libc::POLLIN != 0)
 }

@@ -153,8 +153,8 @@ impl<'a> SnapshotWriter<'a> {
     }
 
     /// Pages in `set` (balloon-inflated or free-page-reported) are recorded as
-    /// [`PageType::Invalid`] without reading them, unless residency already showed them
-    /// never populated.
+    /// [`PageType::Invalid`] without reading them, populated or not (a balloon that punched
+    /// them out of a memfd still has them typed `Invalid`).
     pub fn invalid_pages(mut self, set: &'a dyn PageSet) -> Self {
         self.invalid = Some(set);
         self

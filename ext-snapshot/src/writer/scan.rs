@@ -243,10 +243,12 @@ fn type_chunk<B: Bitmap + Sync>(
         let gfn = base_gfn + page;
         let t = if dirty.is_some_and(|d| !d.contains(ri, page, gfn)) {
             PageType::SameAsParent
+        } else if invalid.is_some_and(|s| s.contains(ri, page, gfn)) {
+            // Before residency: a balloon punches out the pages it takes, and they are still
+            // the guest's declared-invalid pages, not merely never populated.
+            PageType::Invalid
         } else if !present {
             PageType::NotPopulated
-        } else if invalid.is_some_and(|s| s.contains(ri, page, gfn)) {
-            PageType::Invalid
         } else if is_zero_page(source.pages(ri, page, 1)?) {
             PageType::Zero
         } else {

@@ -75,6 +75,10 @@ pub struct VmRestoreConfig {
     /// Resume the VM after restoring it (default false: it stays paused).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resume: Option<bool>,
+    /// ext-vmm extension, with `ondemand` only: the unix socket of a `vhost-user-mem serve`
+    /// page server that serves the restored memory's faults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_server: Option<String>,
 }
 
 /// Body of `GET /api/v1/ext/perm.capabilities`: how this VM enforces page permissions.

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use ext_snapshot::{PageType, RegionBitmaps, SnapshotFile, SnapshotWriter, WriteOptions};
+use ext_snapshot::{
+    GfnBitmap, PageType, RegionBitmaps, SnapshotFile, SnapshotWriter, WriteOptions,
+};
 use kvm_ioctls::Kvm;
 
 use super::error::{Error, Result};
@@ -92,7 +94,12 @@ impl Vmm {
         };
         dir.create()?;
         let memory_started = Instant::now();
-        let writer = SnapshotWriter::new(WriteOptions::default());
+        let invalid_words = crate::invalid_pages::fetch(&self.config.vhost_user);
+        let invalid = invalid_words.as_deref().map(GfnBitmap::new);
+        let mut writer = SnapshotWriter::new(WriteOptions::default());
+        if let Some(invalid) = invalid.as_ref() {
+            writer = writer.invalid_pages(invalid);
+        }
         let report = match &parent {
             None => writer.write_file(memory, &dir.memory_path()),
             Some(parent) => {
@@ -205,8 +212,12 @@ impl Vmm {
         let started = Instant::now();
         let loaded = SnapshotDir::from_url(&restore.source_url)?.load()?;
         let config = loaded.config.clone();
-        let (memory, restored, mut figures) =
-            restore_memory(&loaded.memory_chain, restore.memory_restore_mode, &config)?;
+        let (memory, restored, mut figures) = restore_memory(
+            &loaded.memory_chain,
+            restore.memory_restore_mode,
+            restore.page_server.as_deref(),
+            &config,
+        )?;
         vcpu::register_kick_handler()?;
         let vm = Vm::restore(&config, memory, &loaded.state)?;
         restored.attach_exit(&vm.exit);

@@ -9,6 +9,7 @@ use ext_vmm_api::{OutputMode, VmCreateConfig};
 
 use super::error::{Error, Result};
 use super::options::Options;
+use super::virtio::vhost_user::VhostUserConfig;
 
 /// Where the 16550 serial port's output goes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,6 +50,10 @@ pub struct VmConfig {
     pub serial: SerialOutput,
     /// virtio-blk disks.
     pub disks: Vec<DiskConfig>,
+    /// Devices served by vhost-user backends (`--generic-vhost-user`); absent from configs
+    /// written before they existed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vhost_user: Vec<VhostUserConfig>,
 }
 
 impl VmConfig {
@@ -64,6 +69,7 @@ impl VmConfig {
             memory_shared: false,
             serial: SerialOutput::Tty,
             disks: Vec::new(),
+            vhost_user: Vec::new(),
         }
     }
 
@@ -92,7 +98,19 @@ impl VmConfig {
                     readonly: d.readonly,
                 })
                 .collect(),
+            vhost_user: Vec::new(),
         })
+    }
+
+    /// Checks what the options cannot check one by one.
+    pub fn validate(&self) -> Result<()> {
+        if !self.vhost_user.is_empty() && !self.memory_shared {
+            return Err(Error::InvalidOption(
+                "--generic-vhost-user needs --memory shared=on (the backend maps guest memory)"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 
     /// The configuration in Cloud Hypervisor's `VmConfig` JSON shape, for `vm.info`.
@@ -211,6 +229,67 @@ pub fn parse_api_socket(text: &str) -> Result<PathBuf> {
         .ok_or_else(|| options.invalid("path", "is required"))
 }
 
+/// Parses `--generic-vhost-user device_type=<n|name>,socket=<path>,queue_sizes=[<n>,...]`
+/// (Cloud Hypervisor's syntax; `id` is accepted and ignored) plus ext-vmm's
+/// `control_socket=<path>` (the backend's control API, for snapshots).
+pub fn parse_generic_vhost_user(text: &str) -> Result<VhostUserConfig> {
+    let options = Options::parse(
+        "generic-vhost-user",
+        text,
+        &[
+            "device_type",
+            "socket",
+            "queue_sizes",
+            "id",
+            "control_socket",
+        ],
+    )?;
+    let socket = options
+        .get("socket")
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| options.invalid("socket", "is required"))?;
+    let device_type = match options.get("device_type") {
+        None => return Err(options.invalid("device_type", "is required")),
+        Some(name) => match name {
+            "net" => 1,
+            "block" => 2,
+            "console" => 3,
+            "rng" => 4,
+            "balloon" => 5,
+            "scsi" => 8,
+            "9p" => 9,
+            "gpu" => 16,
+            "input" => 18,
+            "vsock" => 19,
+            "crypto" => 20,
+            "fs" => 26,
+            "sound" => 25,
+            number => match number.parse::<u32>() {
+                Ok(n) if n > 0 && !number.starts_with('0') => n,
+                _ => return Err(options.invalid("device_type", "unknown device type")),
+            },
+        },
+    };
+    let queue_sizes = options
+        .list("queue_sizes")
+        .ok_or_else(|| options.invalid("queue_sizes", "is required"))?
+        .into_iter()
+        .map(|n| match n.parse::<u16>() {
+            Ok(size) if size.is_power_of_two() => Ok(size),
+            _ => Err(options.invalid("queue_sizes", "must be powers of two up to 32768")),
+        })
+        .collect::<Result<Vec<u16>>>()?;
+    if queue_sizes.is_empty() {
+        return Err(options.invalid("queue_sizes", "needs at least one queue"));
+    }
+    Ok(VhostUserConfig {
+        device_type,
+        socket: PathBuf::from(socket),
+        queue_sizes,
+        control_socket: options.get("control_socket").map(PathBuf::from),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -243,5 +322,40 @@ mod tests {
             parse_api_socket("path=/run/a.sock").unwrap(),
             PathBuf::from("/run/a.sock")
         );
+    }
+
+    #[test]
+    fn generic_vhost_user_takes_cloud_hypervisors_syntax() {
+        let c = parse_generic_vhost_user(
+            "device_type=balloon,socket=/run/b.sock,queue_sizes=[256,256,128],id=b0",
+        )
+        .unwrap();
+        assert_eq!(c.device_type, 5);
+        assert_eq!(c.socket, PathBuf::from("/run/b.sock"));
+        assert_eq!(c.queue_sizes, vec![256, 256, 128]);
+        assert_eq!(c.control_socket, None);
+        let c = parse_generic_vhost_user(
+            "device_type=5,socket=s,queue_sizes=64,control_socket=/run/api.sock",
+        )
+        .unwrap();
+        assert_eq!(c.queue_sizes, vec![64]);
+        assert_eq!(c.control_socket, Some(PathBuf::from("/run/api.sock")));
+        for bad in [
+            "socket=s,queue_sizes=[1]",
+            "device_type=balloon,queue_sizes=[1]",
+            "device_type=balloon,socket=s",
+            "device_type=balloon,socket=s,queue_sizes=[]",
+            "device_type=balloon,socket=s,queue_sizes=[100]",
+            "device_type=05,socket=s,queue_sizes=[1]",
+            "device_type=toaster,socket=s,queue_sizes=[1]",
+            "device_type=balloon,socket=s,queue_sizes=[1],vhost_user=x",
+        ] {
+            assert!(parse_generic_vhost_user(bad).is_err(), "{bad}");
+        }
+        let mut config = VmConfig::new(PathBuf::from("k"));
+        config.vhost_user.push(c);
+        assert!(config.validate().is_err(), "private memory is refused");
+        config.memory_shared = true;
+        config.validate().unwrap();
     }
 }

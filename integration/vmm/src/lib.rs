@@ -12,6 +12,7 @@ pub mod devices;
 pub mod error;
 pub mod exit;
 pub mod figures;
+pub mod invalid_pages;
 pub mod layout;
 pub mod memory;
 pub mod options;

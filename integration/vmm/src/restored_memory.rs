@@ -1,7 +1,8 @@
 //! Guest memory of a restored VM: filled from the snapshot's memory files in the requested
-//! mode (ext-snapshot's eager, mapped or lazy restore), and what must stay alive with it.
+//! mode (ext-snapshot's eager, mapped or lazy restore, or a lazy restore served by a
+//! `vhost-user-mem serve` page server in another process), and what must stay alive with it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -11,8 +12,9 @@ use ext_snapshot::restore::mapped::{restore_mapped, MappedOptions};
 use ext_snapshot::{
     restore_chain_eager, restore_eager, EagerOptions, PageType, SnapshotChain, SnapshotFile,
 };
+use vhost_user_mem::page_server::client::{connect_memory, PageServerConnection};
 use vm_memory::bitmap::AtomicBitmap;
-use vm_memory::{GuestMemory, GuestMemoryRegion, MemoryRegionAddress};
+use vm_memory::{GuestAddress, GuestMemory, GuestMemoryRegion, MemoryRegionAddress};
 
 use super::config::VmConfig;
 use super::error::{Error, Result};
@@ -34,14 +36,17 @@ pub(super) enum RestoredMemory {
         source: PathBuf,
         /// The userfaultfd handler of an on-demand restore, alive as long as the VMM.
         lazy: Option<LazyRestore<AtomicBitmap>>,
-        /// Where that handler's failure goes: the VM's exit event.
+        /// The page server serving an on-demand restore instead, connected as long as the
+        /// VMM (its userfaultfd must outlive every use of the memory).
+        page_server: Option<PageServerConnection>,
+        /// Where that handler's (or page server's) failure goes: the VM's exit event.
         failure: Arc<LazyFailure>,
         /// The file's data pages were faulted in already.
         populated: AtomicBool,
     },
 }
 
-/// An on-demand restore's handler failure, delivered to the VM's exit event (the VM ends with
+/// An on-demand restore's handler (or page server) failure, delivered to the VM's exit event (the VM ends with
 /// that error) once the VM exists; a failure before that is kept and delivered on attach.
 #[derive(Default)]
 pub(super) struct LazyFailure {
@@ -113,8 +118,23 @@ impl RestoredMemory {
         Ok(())
     }
 
-    /// The userfaultfd handler's live counters (on-demand restores only).
+    /// The userfaultfd handler's live counters (on-demand restores only; for one served by a
+    /// page server, whether the server is still serving).
     pub(super) fn counters(&self) -> Option<Vec<(String, u64)>> {
+        if let RestoredMemory::FromFile {
+            page_server: Some(server),
+            ..
+        } = self
+        {
+            return Some(vec![
+                ("page_server".into(), 1),
+                (
+                    "page_server_failed".into(),
+                    u64::from(server.failure().is_some()),
+                ),
+                ("snapshot_data_pages".into(), server.accepted().data_pages),
+            ]);
+        }
         let RestoredMemory::FromFile {
             lazy: Some(lazy), ..
         } = self
@@ -133,10 +153,12 @@ impl RestoredMemory {
 
 /// Fills new guest memory from the snapshot's memory files (oldest first). Its dirty bitmaps
 /// may hold the restore's own writes (an eager restore writes through vm-memory); dirty
-/// tracking clears them when it starts on the restored VM.
+/// tracking clears them when it starts on the restored VM. With `page_server` (on-demand
+/// only), the page server at that socket serves the faults.
 pub(super) fn restore_memory(
     chain: &[std::path::PathBuf],
     mode: RestoreMode,
+    page_server: Option<&Path>,
     config: &VmConfig,
 ) -> Result<(GuestRam, RestoredMemory, SnapshotFigures)> {
     let eager = EagerOptions {
@@ -163,6 +185,16 @@ pub(super) fn restore_memory(
     let file = SnapshotFile::open(path).map_err(Error::SnapshotMemory)?;
     figures.pages = file.pages_by_type();
     figures.bytes = file.data_bytes();
+    if let Some(socket) = page_server {
+        if mode != RestoreMode::Lazy {
+            return Err(Error::InvalidOption(
+                "page_server needs memory_restore_mode=ondemand".into(),
+            ));
+        }
+        let (memory, restored) = serve_from_page_server(&file, socket, config)?;
+        figures.memory_seconds = started.elapsed().as_secs_f64();
+        return Ok((memory, restored, figures));
+    }
     drop(file);
     if mode != RestoreMode::Eager && config.memory_shared {
         tracing::warn!("memory_restore_mode={mode:?} gives private memory; shared=on is not kept");
@@ -182,6 +214,7 @@ pub(super) fn restore_memory(
             let restored = RestoredMemory::FromFile {
                 source: path.clone(),
                 lazy: None,
+                page_server: None,
                 failure: Arc::default(),
                 populated: Default::default(),
             };
@@ -200,10 +233,63 @@ pub(super) fn restore_memory(
             let restored = RestoredMemory::FromFile {
                 source: path.clone(),
                 lazy: Some(lazy),
+                page_server: None,
                 failure,
                 populated: Default::default(),
             };
             Ok((memory, restored, figures))
         }
     }
+}
+
+/// Fresh private memory with the snapshot's regions, registered with a userfaultfd that the
+/// page server at `socket` serves (this process serves no fault). The server checks the
+/// region table and the snapshot identity; its refusal is the restore's error, and a later
+/// failure (or its disappearance) ends the VM through [`LazyFailure`].
+fn serve_from_page_server(
+    file: &SnapshotFile,
+    socket: &Path,
+    config: &VmConfig,
+) -> Result<(GuestRam, RestoredMemory)> {
+    if file.is_diff() {
+        return Err(Error::Snapshot(
+            "a diff snapshot restores with memory_restore_mode=copy only".into(),
+        ));
+    }
+    if config.memory_shared {
+        tracing::warn!("a page-server restore gives private memory; shared=on is not kept");
+    }
+    let ranges = file
+        .layout()
+        .into_iter()
+        .map(|(addr, size)| {
+            usize::try_from(size)
+                .map(|size| (GuestAddress(addr), size))
+                .map_err(|_| Error::Memory(format!("region of {size:#x} bytes")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let memory = GuestRam::from_ranges(&ranges).map_err(|e| Error::Memory(e.to_string()))?;
+    let failure = Arc::new(LazyFailure::default());
+    let sink = failure.clone();
+    let snapshot_id = file.header().id.to_string();
+    let connection = connect_memory(
+        socket,
+        &memory,
+        Some(&snapshot_id),
+        Box::new(move |error| sink.report(error)),
+    )
+    .map_err(|e| Error::Snapshot(format!("page server {}: {e}", socket.display())))?;
+    tracing::info!(
+        "on-demand restore of {} served by the page server at {}",
+        file.path().display(),
+        socket.display()
+    );
+    let restored = RestoredMemory::FromFile {
+        source: file.path().to_path_buf(),
+        lazy: None,
+        page_server: Some(connection),
+        failure,
+        populated: Default::default(),
+    };
+    Ok((memory, restored))
 }

@@ -17,7 +17,7 @@ use ext_vmm_api::{
 use super::config::{SerialOutput, VmConfig};
 use super::error::Error;
 use super::exit::ExitReason;
-use super::snapshot::{parse_restore_mode, RestoreConfig};
+use super::snapshot::{check_page_server, parse_restore_mode, RestoreConfig};
 use super::terminal::RawTerminal;
 use super::{ping_response, Vmm};
 
@@ -226,10 +226,14 @@ pub fn restore_config(body: &VmRestoreConfig) -> Result<RestoreConfig, ApiError>
             ))
         })?,
     };
+    let page_server = body.page_server.as_deref().map(std::path::PathBuf::from);
+    check_page_server(memory_restore_mode, page_server.as_deref())
+        .map_err(|reason| ApiError::bad_request(format!("page_server {reason}")))?;
     Ok(RestoreConfig {
         source_url: body.source_url.clone(),
         memory_restore_mode,
         resume: body.resume.unwrap_or(false),
+        page_server,
     })
 }
 

@@ -265,8 +265,8 @@ pub fn parse_restore_mode(text: &str) -> Option<RestoreMode> {
     }
 }
 
-/// `--restore source_url=file:///dir[,memory_restore_mode=copy|mapped|ondemand][,resume=..]`,
-/// or a `vm.restore` body.
+/// `--restore source_url=file:///dir[,memory_restore_mode=copy|mapped|ondemand][,resume=..]
+/// [,page_server=<socket>]`, or a `vm.restore` body.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RestoreConfig {
     /// Snapshot directory URL.
@@ -275,6 +275,9 @@ pub struct RestoreConfig {
     pub memory_restore_mode: RestoreMode,
     /// Resume the VM once restored (default false: it stays paused, as in Cloud Hypervisor).
     pub resume: bool,
+    /// With `ondemand`: the socket of a `vhost-user-mem serve` page server that serves the
+    /// faults instead of a handler thread in this process.
+    pub page_server: Option<PathBuf>,
 }
 
 impl RestoreConfig {
@@ -283,7 +286,13 @@ impl RestoreConfig {
         let options = Options::parse(
             "restore",
             text,
-            &["source_url", "memory_restore_mode", "resume", "prefault"],
+            &[
+                "source_url",
+                "memory_restore_mode",
+                "resume",
+                "prefault",
+                "page_server",
+            ],
         )?;
         let source_url = options
             .get("source_url")
@@ -301,11 +310,31 @@ impl RestoreConfig {
                 "is not supported: restores never prefault pages without data",
             ));
         }
+        let page_server = options.get("page_server").map(PathBuf::from);
+        check_page_server(memory_restore_mode, page_server.as_deref())
+            .map_err(|reason| options.invalid("page_server", reason))?;
         Ok(RestoreConfig {
             source_url: source_url.to_string(),
             memory_restore_mode,
             resume: options.on_off("resume", false)?,
+            page_server,
         })
+    }
+}
+
+/// `Err` with the reason when `page_server` cannot go with `mode`: only an on-demand restore
+/// has faults to serve, and the socket path must not be empty.
+pub fn check_page_server(
+    mode: RestoreMode,
+    page_server: Option<&Path>,
+) -> std::result::Result<(), &'static str> {
+    match page_server {
+        None => Ok(()),
+        Some(path) if path.as_os_str().is_empty() => Err("must name a socket"),
+        Some(_) if mode != RestoreMode::Lazy => {
+            Err("needs memory_restore_mode=ondemand (only on-demand restores serve faults)")
+        }
+        Some(_) => Ok(()),
     }
 }
 
@@ -322,6 +351,22 @@ mod tests {
         assert!(c.resume);
         assert!(RestoreConfig::parse("memory_restore_mode=copy").is_err());
         assert!(RestoreConfig::parse("source_url=file:///s,memory_restore_mode=lazy").is_err());
+        assert_eq!(c.page_server, None);
+        let served = RestoreConfig::parse(
+            "source_url=file:///s,memory_restore_mode=ondemand,page_server=/run/pages.sock",
+        )
+        .unwrap();
+        assert_eq!(served.page_server, Some(PathBuf::from("/run/pages.sock")));
+        let copy = RestoreConfig::parse("source_url=file:///s,page_server=/run/pages.sock");
+        assert!(copy.unwrap_err().to_string().contains("ondemand"));
+        assert!(RestoreConfig::parse(
+            "source_url=file:///s,memory_restore_mode=mapped,page_server=/p"
+        )
+        .is_err());
+        assert!(RestoreConfig::parse(
+            "source_url=file:///s,memory_restore_mode=ondemand,page_server="
+        )
+        .is_err());
         assert_eq!(
             SnapshotDir::from_url("file:///tmp/x").unwrap().path(),
             Path::new("/tmp/x")

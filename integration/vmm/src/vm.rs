@@ -32,6 +32,7 @@ use super::vcpu::{ExitInterceptor, Vcpu, VcpuCounters};
 use super::virtio::block::Block;
 use super::virtio::console::Console;
 use super::virtio::mmio::MmioTransport;
+use super::virtio::vhost_user::VhostUserDevice;
 use super::virtio::{VirtioDevice, VirtioInterrupt};
 
 /// A virtio device as the VMM keeps it: name for counters, and its transport.
@@ -217,6 +218,12 @@ impl Vm {
         )];
         for (i, disk) in config.disks.iter().enumerate() {
             devices.push((format!("virtio-blk{i}"), Box::new(Block::new(disk)?)));
+        }
+        for (i, backend) in config.vhost_user.iter().enumerate() {
+            devices.push((
+                format!("vhost-user{i}"),
+                Box::new(VhostUserDevice::new(backend)?),
+            ));
         }
         if let Some(saved) = saved {
             let names: Vec<&str> = devices.iter().map(|(n, _)| n.as_str()).collect();

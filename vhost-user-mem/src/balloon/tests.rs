@@ -531,9 +531,16 @@ fn inflate_over_two_regions_uses_each_region_file_offset() {
 }
 
 #[test]
-fn runs_merge_consecutive_pages() {
-    assert_eq!(runs(&[1, 2, 3, 7, 9, 10]), vec![(1, 3), (7, 1), (9, 2)]);
-    assert!(runs(&[]).is_empty());
+fn page_runs_merge_consecutive_pages_in_any_order() {
+    assert_eq!(
+        page_runs(&[1, 2, 3, 7, 9, 10]),
+        vec![(1, 3), (7, 1), (9, 2)]
+    );
+    assert_eq!(
+        page_runs(&[10, 3, 9, 1, 2, 3, 7, 1]),
+        vec![(1, 3), (7, 1), (9, 2)]
+    );
+    assert!(page_runs(&[]).is_empty());
 }
 
 #[test]
@@ -559,4 +566,83 @@ fn inflate_on_memory_without_a_file_counts_a_punch_error() {
     assert_eq!(balloon.counters().punch_errors, 1);
     assert_eq!(balloon.counters().punched_bytes, 0);
     assert_eq!(balloon.invalid_pages().len(), 2);
+}
+
+#[test]
+fn parse_pfns_reads_le32_frames_in_order_and_checks_each_page() {
+    let s = setup();
+    let pfns = parse_pfns(&pfn_bytes(&[3, 255, 3, 0x01]), &s.mem).unwrap();
+    assert_eq!(pfns, vec![3, 255, 3, 1]);
+    // Little endian: bytes 80 00 00 00 are frame 0x80 (big endian would be far outside).
+    assert_eq!(parse_pfns(&[0x80, 0, 0, 0], &s.mem).unwrap(), vec![0x80]);
+    for bad in [&[][..], &[1, 0, 0], &[1, 0, 0, 0, 2]] {
+        assert!(
+            matches!(
+                parse_pfns(bad, &s.mem),
+                Err(Error::Malformed { entry: 4, len }) if len == bad.len()
+            ),
+            "{bad:?}"
+        );
+    }
+    // The first page past the end, and the largest frame a guest can name.
+    let outside = (LEN >> PAGE_SHIFT) as u32;
+    for pfns in [&[1, outside][..], &[u32::MAX]] {
+        assert!(matches!(
+            parse_pfns(&pfn_bytes(pfns), &s.mem),
+            Err(Error::OutsideMemory { .. })
+        ));
+    }
+}
+
+#[test]
+fn parse_pfns_checks_against_every_region() {
+    // Two regions with a gap of one page between them.
+    let file = populated_memfd(0x3000);
+    let mem = memory(&file, &[(0, 0x1000, 0), (0x2000, 0x1000, 0x1000)]);
+    assert_eq!(parse_pfns(&pfn_bytes(&[0, 2]), &mem).unwrap(), vec![0, 2]);
+    assert!(parse_pfns(&pfn_bytes(&[1]), &mem).is_err());
+}
+
+#[test]
+fn parse_stats_reads_packed_entries_and_keeps_unknown_tags() {
+    let entries = [(4u16, 1000u64), (0x7fff, u64::MAX), (4, 7)];
+    assert_eq!(
+        parse_stats(&stats_bytes(&entries)).unwrap(),
+        entries.to_vec()
+    );
+    let mut short = stats_bytes(&entries);
+    short.pop();
+    for bad in [&[][..], &short, &[0; 11]] {
+        assert!(
+            matches!(
+                parse_stats(bad),
+                Err(Error::Malformed { entry: STAT_ENTRY_SIZE, len }) if len == bad.len()
+            ),
+            "{bad:?}"
+        );
+    }
+}
+
+#[test]
+fn check_reported_ranges_refuses_a_chain_with_one_bad_range() {
+    let s = setup();
+    assert!(check_reported_ranges(&[], &s.mem).is_ok());
+    assert!(check_reported_ranges(&[(0x20_000, 0x8000), (LEN - 0x1000, 0x1000)], &s.mem).is_ok());
+    for (bad, expected) in [
+        ((0x20_800, 0x1000), "unaligned"),
+        ((0x20_000, 0x1800), "unaligned"),
+        ((0x20_000, 0), "empty"),
+        ((u64::MAX - 0xfff, 0x2000), "empty"),
+        ((LEN - 0x1000, 0x2000), "outside"),
+        ((LEN, 0x1000), "outside"),
+    ] {
+        let err = check_reported_ranges(&[(0x20_000, 0x1000), bad], &s.mem).unwrap_err();
+        let matched = match err {
+            Error::Unaligned { addr, len } => expected == "unaligned" && (addr, len) == bad,
+            Error::BadLength { addr, len } => expected == "empty" && (addr, len) == bad,
+            Error::OutsideMemory { addr, len } => expected == "outside" && (addr, len) == bad,
+            _ => false,
+        };
+        assert!(matched, "{bad:x?}: {err}");
+    }
 }

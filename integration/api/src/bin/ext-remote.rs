@@ -83,6 +83,9 @@ enum Command {
         /// Resume the VM once restored.
         #[arg(long)]
         resume: bool,
+        /// With ondemand: the socket of a `vhost-user-mem serve` page server (ext-vmm).
+        #[arg(long)]
+        page_server: Option<String>,
     },
     /// Create a page-permission view (ext-perm).
     PermCreateView {
@@ -213,10 +216,12 @@ impl Command {
                 source_url,
                 memory_restore_mode,
                 resume,
+                page_server,
             } => serde_json::to_vec(&VmRestoreConfig {
                 source_url: source_url.clone(),
                 memory_restore_mode: memory_restore_mode.clone(),
                 resume: Some(*resume),
+                page_server: page_server.clone(),
             })
             .map(Some),
             _ => Ok(None),

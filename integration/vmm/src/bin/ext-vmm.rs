@@ -23,7 +23,8 @@ struct Args {
     #[arg(long)]
     kernel: Option<PathBuf>,
     /// Restore a snapshot: source_url=file:///dir[,memory_restore_mode=copy|mapped|ondemand]
-    /// [,resume=true|false]. The VM configuration comes from the snapshot.
+    /// [,resume=true|false][,page_server=<socket>] (ondemand only: a `vhost-user-mem serve`
+    /// process serves the faults). The VM configuration comes from the snapshot.
     #[arg(long, conflicts_with = "kernel")]
     restore: Option<String>,
     /// Initramfs handed to the kernel.
@@ -44,6 +45,11 @@ struct Args {
     /// virtio-blk disk: path=<file>[,readonly=on] (repeatable).
     #[arg(long)]
     disk: Vec<String>,
+    /// A device served by a vhost-user backend:
+    /// device_type=<n|name>,socket=<path>,queue_sizes=[<n>,...][,control_socket=<path>]
+    /// (repeatable; needs --memory shared=on).
+    #[arg(long = "generic-vhost-user")]
+    generic_vhost_user: Vec<String>,
     /// Serve the REST API: path=<socket>.
     #[arg(long = "api-socket")]
     api_socket: Option<String>,
@@ -64,6 +70,12 @@ fn build_config(args: &Args, kernel: PathBuf) -> Result<VmConfig, Error> {
         .iter()
         .map(|d| config::parse_disk(d))
         .collect::<Result<_, _>>()?;
+    config.vhost_user = args
+        .generic_vhost_user
+        .iter()
+        .map(|v| config::parse_generic_vhost_user(v))
+        .collect::<Result<_, _>>()?;
+    config.validate()?;
     Ok(config)
 }
 

@@ -116,6 +116,7 @@ impl MmioTransport {
             activated: false,
             config_generation: state.config_generation,
         };
+        transport.device.restore_state(state.device.as_ref())?;
         if state.activated {
             let context = ActivateContext {
                 memory: transport.memory.clone(),
@@ -147,6 +148,7 @@ impl MmioTransport {
             interrupt_status: self.interrupt.status(),
             activated: self.activated,
             queues: queues.into_iter().map(QueueSnapshot::from).collect(),
+            device: self.device.save_state(),
         }
     }
 

@@ -15,6 +15,7 @@ pub mod block;
 pub mod console;
 pub mod mmio;
 pub mod persist;
+pub mod vhost_user;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -118,6 +119,16 @@ pub trait VirtioDevice: Send {
     fn queue_states(&self) -> Vec<QueueState>;
     /// Name/value counters for `vm.counters`.
     fn counters(&self) -> Vec<(&'static str, u64)>;
+    /// Device state beyond the transport and queues, for a snapshot (`None`: nothing).
+    fn save_state(&self) -> Option<serde_json::Value> {
+        None
+    }
+    /// Takes back what [`VirtioDevice::save_state`] saved (`None` from snapshots without
+    /// it), before the restored device is activated.
+    fn restore_state(&mut self, state: Option<&serde_json::Value>) -> Result<()> {
+        let _ = state;
+        Ok(())
+    }
 }
 
 /// Copies `data` into `config` at `offset`, clamped to the config size (reads beyond are 0).

@@ -84,4 +84,8 @@ pub struct TransportSnapshot {
     /// Every queue in device order (held by the transport before activation, by the device
     /// after).
     pub queues: Vec<QueueSnapshot>,
+    /// The device's own state ([`super::VirtioDevice::save_state`]), absent in snapshots of
+    /// devices without any (and in snapshots written before the field existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<serde_json::Value>,
 }

@@ -1,0 +1,243 @@
+# Scenario balloon: vhost-user-mem, the out-of-process virtio-balloon, beside ext-vmm and
+# beside stock Cloud Hypervisor v53.0, with a real Linux guest's virtio_balloon driver.
+#
+# ext-vmm (--memory shared=on, --generic-vhost-user device_type=balloon): the guest negotiates
+# statistics and free page reporting through ext-vmm's frontend. It fills 256 MiB of tmpfs and
+# removes it; free page reporting must return at least 90% of it to the host (the memfd's
+# allocated bytes, measured by the daemon) within 10 s. The balloon is inflated by 128 MiB
+# through the daemon's control API (the guest is told through the config-change message) and
+# the inflated pages leave the memfd. ext-vmm's own snapshot (vm.snapshot) and the daemon's
+# snapshot both type the inflated pages Invalid. The snapshot is restored (copy) in a new
+# ext-vmm with the same daemon: the guest continues, the balloon deflates to 0 and the guest
+# reuses the memory. The daemon is killed with SIGKILL and started again: the VM runs on, the
+# frontend reconnects, and the balloon inflates again.
+# Stock Cloud Hypervisor v53.0 with the same daemon: inflate and deflate through the daemon's API
+# return and take back memory; its generic vhost-user frontend forwards no device feature bits,
+# so statistics and reporting are not negotiated there (shown as the guest's feature bits).
+# lab-needs: cloud-hypervisor
+# lab-needs: tool curl
+# shellcheck source=ci/scenarios/lib.sh
+. /opt/ext/scenarios/lib.sh
+
+command -v ext-remote >/dev/null || fail "ext-remote is not in the lab image (did it build?)"
+command -v vhost-user-mem >/dev/null || fail "vhost-user-mem is not in the lab image (did it build?)"
+CH=/opt/ext/bin/cloud-hypervisor
+MIB=1048576
+VU_SOCK=/tmp/vum.sock
+VU_API=/tmp/vum-api.sock
+input=/tmp/balloon-input
+rm -f "$input"
+mkfifo "$input" || fail "mkfifo failed"
+exec 3<>"$input"
+
+# Starts the daemon in the background; sets VU_PID.
+start_daemon() {
+    rm -f "$VU_API"
+    start_background "$1" 1800 vhost-user-mem --socket "$VU_SOCK" --api-socket "$VU_API"
+    VU_PID=$BG_PID
+    _tries=0
+    until [ -S "$VU_API" ]; do
+        _tries=$((_tries + 1)); [ "$_tries" -lt 300 ] || fail "vhost-user-mem never opened $VU_API"; sleep 0.1
+    done
+}
+
+# The daemon's control API: $1 method, $2 endpoint, $3 optional JSON body. Output in /tmp/vu.out.
+vu() {
+    if [ -n "${3:-}" ]; then
+        curl -sS --max-time 120 --unix-socket "$VU_API" -X "$1" -H 'Content-Type: application/json' \
+            -d "$3" -o /tmp/vu.out -w '%{http_code}' "http://localhost/api/v1/$2" >/tmp/vu.code
+    else
+        curl -sS --max-time 120 --unix-socket "$VU_API" -X "$1" -o /tmp/vu.out -w '%{http_code}' \
+            "http://localhost/api/v1/$2" >/tmp/vu.code
+    fi
+    _code=$(cat /tmp/vu.code)
+    echo "vhost-user-mem $1 $2 -> $_code $(head -c 600 /tmp/vu.out)"
+    case "$_code" in 2*) return 0 ;; *) return 1 ;; esac
+}
+
+# A number field of the last JSON answer (first occurrence of "$1": <digits>).
+field() {
+    tr -d ' \n' </tmp/vu.out | sed -n 's/.*"'"$1"'":\([0-9][0-9]*\).*/\1/p' | head -n 1
+}
+
+# The daemon's view of the memfd: sets ALLOC (allocated bytes) and ACTUAL (balloon pages).
+status() {
+    vu GET status || fail "status failed"
+    ALLOC=$(field allocated_bytes)
+    ACTUAL=$(field actual_pages)
+    [ -n "$ALLOC" ] || fail "status has no allocated_bytes"
+}
+
+# Waits until the balloon's actual size is $1 pages (the guest inflated or deflated), up to $2 s.
+wait_actual() {
+    _deadline=$(awk -v a="$(now)" -v t="$2" 'BEGIN { printf "%.2f", a + t }')
+    while :; do
+        status
+        [ "$ACTUAL" = "$1" ] && return 0
+        awk -v a="$(now)" -v d="$_deadline" 'BEGIN { exit !(a >= d) }' && return 1
+        sleep 1
+    done
+}
+
+remote() {
+    _sock=$1
+    shift
+    timeout -s KILL 600 ext-remote --api-socket "$_sock" "$@" >/tmp/remote.out 2>&1
+    _status=$?
+    sed 's/^/ext-remote '"$1"'| /' /tmp/remote.out
+    return $_status
+}
+
+# The value of counter $2 in group $1 of the last `remote counters` output.
+counter() {
+    tr -d ' \n' </tmp/remote.out | sed -n 's/.*"'"$1"'":{\([^}]*\)}.*/\1/p' \
+        | tr ',' '\n' | sed -n 's/^"'"$2"'":\([0-9][0-9]*\)$/\1/p' | head -n 1
+}
+
+# Starts a VMM in the background with the console FIFO as stdin: $1 log, then the command.
+launch() {
+    _log=$1
+    shift
+    : >"$_log"
+    "$@" <&3 >"$_log" 2>&1 &
+    VMM_PID=$!
+    _ext_background_pids="$_ext_background_pids $VMM_PID"
+    follow_log "$_log" "$(basename "$_log" .log)"
+}
+
+# The guest's balloon feature bits (a 64-character 0/1 string, bit 0 first) from log $1.
+guest_bit() {
+    sed -n 's/.*EXT-BALLOON-FEATURES \([01]*\).*/\1/p' "$1" | tail -n 1 | cut -c "$(($2 + 1))"
+}
+
+balloon_dev="device_type=balloon,socket=$VU_SOCK,queue_sizes=[256,256,256,256]"
+cmdline="console=ttyS0 loglevel=4 panic=-1 ext.test=balloon"
+
+# --- ext-vmm: boot with the balloon -------------------------------------------------------
+start_daemon /tmp/vum-1.log
+launch /tmp/vmm-a.log ext-vmm --kernel "$L2_KERNEL" --initramfs "$L2_INITRAMFS" --cmdline "$cmdline" \
+    --cpus boot=1 --memory size=512M,shared=on --serial tty --api-socket path=/tmp/a.sock \
+    --generic-vhost-user "$balloon_dev,control_socket=$VU_API"
+wait_for_line /tmp/vmm-a.log 'EXT-TICK 3' 300 "$VMM_PID" || fail "the guest did not start"
+[ "$(guest_bit /tmp/vmm-a.log 1)" = 1 ] || fail "ext-vmm: STATS_VQ not negotiated"
+[ "$(guest_bit /tmp/vmm-a.log 2)" = 1 ] || fail "ext-vmm: DEFLATE_ON_OOM not negotiated"
+[ "$(guest_bit /tmp/vmm-a.log 5)" = 1 ] || fail "ext-vmm: REPORTING not negotiated"
+metric "balloon_features vmm=ext-vmm guest_bits=$(sed -n 's/.*EXT-BALLOON-FEATURES \([01]*\).*/\1/p' /tmp/vmm-a.log | tail -n 1 | cut -c1-8)"
+# Linux reports what is free at boot too: let that settle.
+sleep 5
+status
+alloc_boot=$ALLOC
+
+# --- free page reporting ------------------------------------------------------------------
+echo fill >&3
+wait_for_line /tmp/vmm-a.log 'EXT-FILLED fill' 240 "$VMM_PID" || fail "the guest did not fill 256 MiB"
+sleep 1
+status
+alloc_filled=$ALLOC
+echo drop >&3
+wait_for_line /tmp/vmm-a.log 'EXT-DROPPED' 60 "$VMM_PID" || fail "the guest did not drop its 256 MiB"
+t=$(now)
+want=$((alloc_filled - 256 * MIB * 9 / 10))
+returned_s=""
+while awk -v a="$(now)" -v s="$t" 'BEGIN { exit !(a - s < 10) }'; do
+    status
+    if [ "$ALLOC" -le "$want" ]; then returned_s=$(since "$t"); break; fi
+    sleep 0.5
+done
+metric "free_page_reporting freed_kib=$((256 * 1024)) allocated_boot_kib=$((alloc_boot / 1024)) allocated_filled_kib=$((alloc_filled / 1024)) allocated_after_kib=$((ALLOC / 1024)) returned_kib=$(((alloc_filled - ALLOC) / 1024)) seconds=${returned_s:-timeout} (L1 clock, emulated)"
+[ -n "$returned_s" ] || fail "free page reporting returned $(((alloc_filled - ALLOC) / 1024)) KiB of 262144 within 10 s"
+vu GET stats || fail "stats failed"
+
+# --- inflate by 128 MiB ----------------------------------------------------------------------
+echo fill >&3
+wait_for_line /tmp/vmm-a.log 'EXT-FILLED fill' 240 "$VMM_PID" || fail "the guest did not fill again"
+echo drop >&3
+wait_for_line /tmp/vmm-a.log 'EXT-DROPPED' 60 "$VMM_PID" || fail "the guest did not drop again"
+status
+alloc_before=$ALLOC
+vu PUT resize "{\"target_bytes\":$((128 * MIB))}" || fail "resize to 128 MiB failed"
+wait_actual 32768 180 || fail "the guest did not inflate to 32768 pages (actual $ACTUAL)"
+inflated=$(field bytes_inflated)
+metric "inflate vmm=ext-vmm target_kib=131072 allocated_before_kib=$((alloc_before / 1024)) allocated_after_kib=$((ALLOC / 1024)) dropped_kib=$(((alloc_before - ALLOC) / 1024)) inflated_bytes=$inflated (reporting ran meanwhile: pages it returned first cannot drop twice)"
+[ "$inflated" -ge $((128 * MIB)) ] || fail "the daemon counts $inflated bytes inflated"
+
+# --- snapshots: ext-vmm's and the daemon's ------------------------------------------------
+tick=$(sed -n 's/.*EXT-TICK \([0-9][0-9]*\).*/\1/p' /tmp/vmm-a.log | tail -n 1)
+remote /tmp/a.sock pause || fail "pause failed"
+remote /tmp/a.sock snapshot --destination-url file:///tmp/snap-a || fail "ext-vmm snapshot failed: $(cat /tmp/remote.out)"
+remote /tmp/a.sock counters || fail "counters failed"
+vmm_invalid=$(counter snapshot invalid_pages)
+vmm_data=$(counter snapshot data_pages)
+vu PUT snapshot '{"destination_url":"file:///tmp/daemon-snap.ext"}' || fail "daemon snapshot failed"
+daemon_invalid=$(field invalid)
+metric "snapshot vmm=ext-vmm invalid_pages=$vmm_invalid data_pages=$vmm_data memory_du_kib=$(du -k /tmp/snap-a | tail -n 1 | cut -f1)"
+metric "snapshot vmm=vhost-user-mem invalid_pages=$daemon_invalid file_du_kib=$(du -k /tmp/daemon-snap.ext | cut -f1) answer=$(tr -d ' \n' </tmp/vu.out | head -c 300)"
+[ "${vmm_invalid:-0}" -ge 32768 ] || fail "ext-vmm's snapshot typed ${vmm_invalid:-0} pages Invalid, the balloon holds 32768"
+[ "${daemon_invalid:-0}" -ge 32768 ] || fail "the daemon's snapshot typed ${daemon_invalid:-0} pages Invalid"
+kill -KILL "$VMM_PID"
+wait_exit "$VMM_PID" 30 || fail "ext-vmm survived SIGKILL"
+
+# --- restore (copy) with the same daemon; deflate and reuse ---------------------------------
+launch /tmp/vmm-b.log ext-vmm --restore "source_url=file:///tmp/snap-a,memory_restore_mode=copy,resume=true" \
+    --api-socket path=/tmp/b.sock
+wait_for_line /tmp/vmm-b.log "EXT-TICK $((tick + 2))" 180 "$VMM_PID" || fail "the restored guest did not continue after tick $tick"
+vu PUT resize '{"target_bytes":0}' || fail "resize to 0 failed"
+wait_actual 0 180 || fail "the restored guest did not deflate (actual $ACTUAL)"
+echo reuse >&3
+wait_for_line /tmp/vmm-b.log 'EXT-FILLED reuse' 240 "$VMM_PID" || fail "the restored guest could not reuse 128 MiB"
+status
+metric "restore mode=copy deflated_to=0 reuse_allocated_kib=$((ALLOC / 1024))"
+
+# --- the daemon dies and comes back ---------------------------------------------------------
+kill -KILL "$VU_PID"
+wait_exit "$VU_PID" 30 || fail "vhost-user-mem survived SIGKILL"
+sleep 3
+wait_for_line /tmp/vmm-b.log "EXT-TICK $(($(sed -n 's/.*EXT-TICK \([0-9][0-9]*\).*/\1/p' /tmp/vmm-b.log | tail -n 1) + 2))" 60 "$VMM_PID" \
+    || fail "the VM stopped running without its balloon daemon"
+start_daemon /tmp/vum-2.log
+remote /tmp/b.sock counters >/dev/null
+tries=0
+until [ "$(counter vhost-user0 reconnects)" = 1 ]; do
+    tries=$((tries + 1)); [ "$tries" -lt 60 ] || fail "the frontend did not reconnect: $(cat /tmp/remote.out)"
+    sleep 1
+    remote /tmp/b.sock counters >/dev/null
+done
+metric "reconnect disconnects=$(counter vhost-user0 disconnects) reconnects=$(counter vhost-user0 reconnects)"
+vu PUT resize "{\"target_bytes\":$((64 * MIB))}" || fail "resize after the restart failed"
+wait_actual 16384 180 || fail "the balloon did not work after the daemon's restart (actual $ACTUAL)"
+echo poweroff >&3
+wait_for_line /tmp/vmm-b.log 'EXT-L2-POWEROFF' 60 "$VMM_PID" || fail "the guest did not power off"
+wait_exit "$VMM_PID" 60 || fail "ext-vmm did not exit after the guest's poweroff"
+kill -KILL "$VU_PID"
+wait_exit "$VU_PID" 30
+
+# --- stock Cloud Hypervisor v53.0 -------------------------------------------------------------
+[ -x "$CH" ] || fail "cloud-hypervisor is not in the lab image"
+start_daemon /tmp/vum-3.log
+# Its --serial tty reads no console input from a FIFO: the guest runs the steps by itself
+# (ext.balloon_auto=1) and follows the balloon through MemTotal.
+launch /tmp/ch.log "$CH" --kernel "$L2_KERNEL" --initramfs "$L2_INITRAMFS" \
+    --cmdline "$cmdline ext.balloon_auto=1" \
+    --cpus boot=1 --memory size=512M,shared=on --serial tty --console off --api-socket /tmp/ch.sock \
+    --generic-vhost-user "$balloon_dev"
+wait_for_line /tmp/ch.log 'EXT-DROPPED' 300 "$VMM_PID" || fail "the guest did not fill and drop under Cloud Hypervisor"
+metric "balloon_features vmm=cloud-hypervisor guest_bits=$(sed -n 's/.*EXT-BALLOON-FEATURES \([01]*\).*/\1/p' /tmp/ch.log | tail -n 1 | cut -c1-8) (stock v53 forwards no device feature bits)"
+[ "$(guest_bit /tmp/ch.log 5)" = 0 ] || fail "stock Cloud Hypervisor negotiated REPORTING: the README is wrong"
+sleep 3
+status
+ch_before=$ALLOC
+vu PUT resize "{\"target_bytes\":$((128 * MIB))}" || fail "CH: resize failed"
+wait_actual 32768 180 || fail "CH: the guest did not inflate (actual $ACTUAL)"
+ch_inflated=$ALLOC
+wait_for_line /tmp/ch.log 'EXT-INFLATED' 60 "$VMM_PID" || fail "CH: the guest's MemTotal did not show the inflation"
+metric "inflate vmm=cloud-hypervisor allocated_before_kib=$((ch_before / 1024)) allocated_after_kib=$((ch_inflated / 1024)) dropped_kib=$(((ch_before - ch_inflated) / 1024))"
+[ $((ch_before - ch_inflated)) -ge $((128 * MIB * 9 / 10)) ] || fail "CH: inflating 128 MiB returned $(((ch_before - ch_inflated) / 1024)) KiB"
+vu PUT resize '{"target_bytes":0}' || fail "CH: resize to 0 failed"
+wait_actual 0 180 || fail "CH: the guest did not deflate (actual $ACTUAL)"
+wait_for_line /tmp/ch.log 'EXT-FILLED reuse' 240 "$VMM_PID" || fail "CH: the guest could not reuse the memory"
+status
+metric "deflate vmm=cloud-hypervisor allocated_after_reuse_kib=$((ALLOC / 1024)) taken_back_kib=$(((ALLOC - ch_inflated) / 1024))"
+kill -KILL "$VMM_PID"
+wait_exit "$VMM_PID" 30
+echo "lab balloon: PASS"
+pass
