@@ -105,6 +105,19 @@ launch() {
     follow_log "$_log" "$(basename "$_log" .log)"
 }
 
+# Sends console command $2 to the guest of log $1 and waits up to $4 s for a new line matching
+# $3 (lines from earlier commands do not count).
+guest_cmd() {
+    _before=$(count_lines "$1" "$3")
+    echo "$2" >&3
+    _deadline=$(awk -v a="$(now)" -v t="$4" 'BEGIN { printf "%.2f", a + t }')
+    while [ "$(count_lines "$1" "$3")" -le "$_before" ]; do
+        kill -0 "$VMM_PID" 2>/dev/null || return 2
+        awk -v a="$(now)" -v d="$_deadline" 'BEGIN { exit !(a >= d) }' && return 1
+        sleep 0.2
+    done
+}
+
 # The guest's balloon feature bits (a 64-character 0/1 string, bit 0 first) from log $1.
 guest_bit() {
     sed -n 's/.*EXT-BALLOON-FEATURES \([01]*\).*/\1/p' "$1" | tail -n 1 | cut -c "$(($2 + 1))"
@@ -129,36 +142,40 @@ status
 alloc_boot=$ALLOC
 
 # --- free page reporting ------------------------------------------------------------------
-echo fill >&3
-wait_for_line /tmp/vmm-a.log 'EXT-FILLED fill' 240 "$VMM_PID" || fail "the guest did not fill 256 MiB"
+guest_cmd /tmp/vmm-a.log fill 'EXT-FILLED fill' 240 || fail "the guest did not fill 256 MiB"
 sleep 1
 status
 alloc_filled=$ALLOC
-echo drop >&3
-wait_for_line /tmp/vmm-a.log 'EXT-DROPPED' 60 "$VMM_PID" || fail "the guest did not drop its 256 MiB"
+guest_cmd /tmp/vmm-a.log drop 'EXT-DROPPED' 60 || fail "the guest did not drop its 256 MiB"
 t=$(now)
-want=$((alloc_filled - 256 * MIB * 9 / 10))
+# Part of the 256 MiB lands on guest pages the host already had (free fragments below 2 MiB,
+# which Linux never reports): what the free can give back is what the fill added.
+added=$((alloc_filled - alloc_boot))
+want=$((alloc_filled - added * 9 / 10))
 returned_s=""
 while awk -v a="$(now)" -v s="$t" 'BEGIN { exit !(a - s < 10) }'; do
     status
     if [ "$ALLOC" -le "$want" ]; then returned_s=$(since "$t"); break; fi
     sleep 0.5
 done
-metric "free_page_reporting freed_kib=$((256 * 1024)) allocated_boot_kib=$((alloc_boot / 1024)) allocated_filled_kib=$((alloc_filled / 1024)) allocated_after_kib=$((ALLOC / 1024)) returned_kib=$(((alloc_filled - ALLOC) / 1024)) seconds=${returned_s:-timeout} (L1 clock, emulated)"
-[ -n "$returned_s" ] || fail "free page reporting returned $(((alloc_filled - ALLOC) / 1024)) KiB of 262144 within 10 s"
+returned=$((alloc_filled - ALLOC))
+metric "free_page_reporting freed_kib=262144 allocated_before_kib=$((alloc_boot / 1024)) allocated_filled_kib=$((alloc_filled / 1024)) added_kib=$((added / 1024)) allocated_after_kib=$((ALLOC / 1024)) returned_kib=$((returned / 1024)) returned_of_freed_pct=$((returned * 100 / (256 * MIB))) returned_of_added_pct=$((returned * 100 / added)) seconds=${returned_s:-timeout} (L1 clock, emulated)"
+[ -n "$returned_s" ] || fail "free page reporting returned $((returned / 1024)) KiB of the $((added / 1024)) KiB the fill added within 10 s"
+[ $((returned * 100 / (256 * MIB))) -ge 80 ] || fail "free page reporting returned only $((returned * 100 / (256 * MIB)))% of the 256 MiB freed"
 vu GET stats || fail "stats failed"
 
 # --- inflate by 128 MiB ----------------------------------------------------------------------
-echo fill >&3
-wait_for_line /tmp/vmm-a.log 'EXT-FILLED fill' 240 "$VMM_PID" || fail "the guest did not fill again"
-echo drop >&3
-wait_for_line /tmp/vmm-a.log 'EXT-DROPPED' 60 "$VMM_PID" || fail "the guest did not drop again"
+# Free memory is already back on the host (reported): inflating it cannot drop the allocation
+# again, but the inflated pages must stay out of it (the stock Cloud Hypervisor part below, where
+# reporting is not negotiated, shows the drop).
+sleep 5
 status
 alloc_before=$ALLOC
 vu PUT resize "{\"target_bytes\":$((128 * MIB))}" || fail "resize to 128 MiB failed"
 wait_actual 32768 180 || fail "the guest did not inflate to 32768 pages (actual $ACTUAL)"
 inflated=$(field bytes_inflated)
-metric "inflate vmm=ext-vmm target_kib=131072 allocated_before_kib=$((alloc_before / 1024)) allocated_after_kib=$((ALLOC / 1024)) dropped_kib=$(((alloc_before - ALLOC) / 1024)) inflated_bytes=$inflated (reporting ran meanwhile: pages it returned first cannot drop twice)"
+metric "inflate vmm=ext-vmm target_kib=131072 allocated_before_kib=$((alloc_before / 1024)) allocated_after_kib=$((ALLOC / 1024)) dropped_kib=$(((alloc_before - ALLOC) / 1024)) inflated_bytes=$inflated (the free memory it took was already returned by reporting)"
+[ "$ALLOC" -le $((alloc_before + 16 * MIB)) ] || fail "inflating 128 MiB made the host allocate $(((ALLOC - alloc_before) / 1024)) KiB"
 [ "$inflated" -ge $((128 * MIB)) ] || fail "the daemon counts $inflated bytes inflated"
 
 # --- snapshots: ext-vmm's and the daemon's ------------------------------------------------
@@ -183,8 +200,7 @@ launch /tmp/vmm-b.log ext-vmm --restore "source_url=file:///tmp/snap-a,memory_re
 wait_for_line /tmp/vmm-b.log "EXT-TICK $((tick + 2))" 180 "$VMM_PID" || fail "the restored guest did not continue after tick $tick"
 vu PUT resize '{"target_bytes":0}' || fail "resize to 0 failed"
 wait_actual 0 180 || fail "the restored guest did not deflate (actual $ACTUAL)"
-echo reuse >&3
-wait_for_line /tmp/vmm-b.log 'EXT-FILLED reuse' 240 "$VMM_PID" || fail "the restored guest could not reuse 128 MiB"
+guest_cmd /tmp/vmm-b.log reuse 'EXT-FILLED reuse' 240 || fail "the restored guest could not reuse 128 MiB"
 status
 metric "restore mode=copy deflated_to=0 reuse_allocated_kib=$((ALLOC / 1024))"
 
@@ -205,9 +221,10 @@ done
 metric "reconnect disconnects=$(counter vhost-user0 disconnects) reconnects=$(counter vhost-user0 reconnects)"
 vu PUT resize "{\"target_bytes\":$((64 * MIB))}" || fail "resize after the restart failed"
 wait_actual 16384 180 || fail "the balloon did not work after the daemon's restart (actual $ACTUAL)"
-echo poweroff >&3
-wait_for_line /tmp/vmm-b.log 'EXT-L2-POWEROFF' 60 "$VMM_PID" || fail "the guest did not power off"
-wait_exit "$VMM_PID" 60 || fail "ext-vmm did not exit after the guest's poweroff"
+guest_cmd /tmp/vmm-b.log poweroff 'EXT-L2-POWEROFF' 60 || fail "the guest did not power off"
+# With an API socket the VMM outlives its VM, as Cloud Hypervisor does.
+remote /tmp/b.sock shutdown-vmm || fail "vmm.shutdown failed: $(cat /tmp/remote.out)"
+wait_exit "$VMM_PID" 60 || fail "ext-vmm did not exit after vmm.shutdown"
 kill -KILL "$VU_PID"
 wait_exit "$VU_PID" 30
 
@@ -239,5 +256,6 @@ status
 metric "deflate vmm=cloud-hypervisor allocated_after_reuse_kib=$((ALLOC / 1024)) taken_back_kib=$(((ALLOC - ch_inflated) / 1024))"
 kill -KILL "$VMM_PID"
 wait_exit "$VMM_PID" 30
+! grep -q 'EXT-L2-FAIL' /tmp/vmm-a.log /tmp/vmm-b.log /tmp/ch.log || fail "a guest reported a failure: $(grep -h 'EXT-L2-FAIL' /tmp/vmm-a.log /tmp/vmm-b.log /tmp/ch.log | head -n 1)"
 echo "lab balloon: PASS"
 pass

@@ -114,3 +114,10 @@ fn lab_ch_remote() {
     // Cloud Hypervisor's own ch-remote drives ext-vmm (ci/lab ships the stock v53.0 client).
     run_scenario("ch-remote");
 }
+
+#[test]
+fn lab_balloon() {
+    // vhost-user-mem beside ext-vmm (reporting, inflate, snapshots, restore, daemon restart) and
+    // beside stock Cloud Hypervisor; three 512 MiB shared guests, one at a time, and snapshots.
+    run_scenario_with("balloon", &["--memory", "3072", "--timeout", "1500"]);
+}

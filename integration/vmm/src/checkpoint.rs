@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use ext_snapshot::{
-    GfnBitmap, PageType, RegionBitmaps, SnapshotFile, SnapshotWriter, WriteOptions,
+    GfnBitmap, PageType, RegionBitmaps, RestoreMode, SnapshotFile, SnapshotWriter, WriteOptions,
 };
 use kvm_ioctls::Kvm;
 
@@ -212,6 +212,14 @@ impl Vmm {
         let started = Instant::now();
         let loaded = SnapshotDir::from_url(&restore.source_url)?.load()?;
         let config = loaded.config.clone();
+        if !config.vhost_user.is_empty() && restore.memory_restore_mode != RestoreMode::Eager {
+            return Err(Error::Unsupported(
+                "a VM with vhost-user devices restores with memory_restore_mode=copy only: \
+                 mapped and ondemand restores give private memory, which a vhost-user backend \
+                 cannot map"
+                    .into(),
+            ));
+        }
         let (memory, restored, mut figures) = restore_memory(
             &loaded.memory_chain,
             restore.memory_restore_mode,

@@ -136,6 +136,9 @@ impl VmConfig {
             "disks": self.disks.iter().map(|d| serde_json::json!({
                 "path": d.path, "readonly": d.readonly,
             })).collect::<Vec<_>>(),
+            "generic_vhost_user": self.vhost_user.iter().map(|v| serde_json::json!({
+                "socket": v.socket, "queue_sizes": v.queue_sizes, "device_type": v.device_type,
+            })).collect::<Vec<_>>(),
         })
     }
 }
