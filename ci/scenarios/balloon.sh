@@ -148,10 +148,10 @@ status
 alloc_filled=$ALLOC
 guest_cmd /tmp/vmm-a.log drop 'EXT-DROPPED' 60 || fail "the guest did not drop its 256 MiB"
 t=$(now)
-# Part of the 256 MiB lands on guest pages the host already had (free fragments below 2 MiB,
-# which Linux never reports): what the free can give back is what the fill added.
+# (A few MiB of the fill can land on guest pages the host already had: free fragments below
+# 2 MiB, which Linux never reports; returned_of_added_pct shows it.)
 added=$((alloc_filled - alloc_boot))
-want=$((alloc_filled - added * 9 / 10))
+want=$((alloc_filled - 256 * MIB * 9 / 10))
 returned_s=""
 while awk -v a="$(now)" -v s="$t" 'BEGIN { exit !(a - s < 10) }'; do
     status
@@ -160,8 +160,7 @@ while awk -v a="$(now)" -v s="$t" 'BEGIN { exit !(a - s < 10) }'; do
 done
 returned=$((alloc_filled - ALLOC))
 metric "free_page_reporting freed_kib=262144 allocated_before_kib=$((alloc_boot / 1024)) allocated_filled_kib=$((alloc_filled / 1024)) added_kib=$((added / 1024)) allocated_after_kib=$((ALLOC / 1024)) returned_kib=$((returned / 1024)) returned_of_freed_pct=$((returned * 100 / (256 * MIB))) returned_of_added_pct=$((returned * 100 / added)) seconds=${returned_s:-timeout} (L1 clock, emulated)"
-[ -n "$returned_s" ] || fail "free page reporting returned $((returned / 1024)) KiB of the $((added / 1024)) KiB the fill added within 10 s"
-[ $((returned * 100 / (256 * MIB))) -ge 80 ] || fail "free page reporting returned only $((returned * 100 / (256 * MIB)))% of the 256 MiB freed"
+[ -n "$returned_s" ] || fail "free page reporting returned $((returned / 1024)) KiB of the 262144 KiB freed within 10 s (90% needed; the fill added $((added / 1024)) KiB)"
 vu GET stats || fail "stats failed"
 
 # --- inflate by 128 MiB ----------------------------------------------------------------------
@@ -187,7 +186,7 @@ vmm_invalid=$(counter snapshot invalid_pages)
 vmm_data=$(counter snapshot data_pages)
 vu PUT snapshot '{"destination_url":"file:///tmp/daemon-snap.ext"}' || fail "daemon snapshot failed"
 daemon_invalid=$(field invalid)
-metric "snapshot vmm=ext-vmm invalid_pages=$vmm_invalid data_pages=$vmm_data memory_du_kib=$(du -k /tmp/snap-a | tail -n 1 | cut -f1)"
+metric "snapshot vmm=ext-vmm invalid_pages=$vmm_invalid invalid_kib_not_stored=$((vmm_invalid * 4)) data_pages=$vmm_data memory_du_kib=$(du -k /tmp/snap-a | tail -n 1 | cut -f1)"
 metric "snapshot vmm=vhost-user-mem invalid_pages=$daemon_invalid file_du_kib=$(du -k /tmp/daemon-snap.ext | cut -f1) answer=$(tr -d ' \n' </tmp/vu.out | head -c 300)"
 [ "${vmm_invalid:-0}" -ge 32768 ] || fail "ext-vmm's snapshot typed ${vmm_invalid:-0} pages Invalid, the balloon holds 32768"
 [ "${daemon_invalid:-0}" -ge 32768 ] || fail "the daemon's snapshot typed ${daemon_invalid:-0} pages Invalid"
