@@ -7,10 +7,11 @@
 # allocated bytes, measured by the daemon) within 10 s. The balloon is inflated by 128 MiB
 # through the daemon's control API (the guest is told through the config-change message) and
 # the inflated pages leave the memfd. ext-vmm's own snapshot (vm.snapshot) and the daemon's
-# snapshot both type the inflated pages Invalid. The snapshot is restored (copy) in a new
-# ext-vmm with the same daemon: the guest continues, the balloon deflates to 0 and the guest
-# reuses the memory. The daemon is killed with SIGKILL and started again: the VM runs on, the
-# frontend reconnects, and the balloon inflates again.
+# snapshot both type the inflated pages Invalid. The snapshot is restored in a new ext-vmm with
+# the same daemon, with copy and then on demand through `vhost-user-mem serve` (the page
+# server): each time the guest continues, the balloon deflates to 0 and the guest reuses the
+# memory. The daemon is killed with SIGKILL and started again: the VM runs on, the frontend
+# reconnects, and the balloon inflates again.
 # Stock Cloud Hypervisor v53.0 with the same daemon: inflate and deflate through the daemon's API
 # return and take back memory; its generic vhost-user frontend forwards no device feature bits,
 # so statistics and reporting are not negotiated there (shown as the guest's feature bits).
@@ -202,30 +203,53 @@ wait_actual 0 180 || fail "the restored guest did not deflate (actual $ACTUAL)"
 guest_cmd /tmp/vmm-b.log reuse 'EXT-FILLED reuse' 240 || fail "the restored guest could not reuse 128 MiB"
 status
 metric "restore mode=copy deflated_to=0 reuse_allocated_kib=$((ALLOC / 1024))"
+kill -KILL "$VMM_PID"
+wait_exit "$VMM_PID" 30 || fail "ext-vmm (copy) survived SIGKILL"
+
+# --- restore (ondemand through vhost-user-mem's page server) with the same daemon ------------
+start_background /tmp/ps.log 1800 vhost-user-mem serve --snapshot /tmp/snap-a/memory.ext-snapshot \
+    --socket /tmp/ps.sock
+PS_PID=$BG_PID
+tries=0
+until [ -S /tmp/ps.sock ]; do
+    tries=$((tries + 1)); [ "$tries" -lt 300 ] || fail "the page server never opened its socket"; sleep 0.1
+done
+launch /tmp/vmm-c.log ext-vmm \
+    --restore "source_url=file:///tmp/snap-a,memory_restore_mode=ondemand,page_server=/tmp/ps.sock,resume=true" \
+    --api-socket path=/tmp/c.sock
+wait_for_line /tmp/vmm-c.log "EXT-TICK $((tick + 2))" 180 "$VMM_PID" || fail "the guest restored through the page server did not continue after tick $tick"
+# The daemon's target is already 0 (the copy restore deflated): say it again, so the guest hears.
+vu PUT resize '{"target_bytes":0}' || fail "resize to 0 failed"
+wait_actual 0 180 || fail "the guest restored on demand did not deflate (actual $ACTUAL)"
+guest_cmd /tmp/vmm-c.log reuse 'EXT-FILLED reuse' 240 || fail "the guest restored on demand could not reuse 128 MiB"
+remote /tmp/c.sock counters >/dev/null || fail "counters failed"
+metric "restore mode=ondemand page_server=1 deflated_to=0 page_server_failed=$(counter restore_ondemand page_server_failed) vmm_rss_kib=$(awk '/^VmRSS:/ { print $2 }' "/proc/$VMM_PID/status")"
+[ "$(counter restore_ondemand page_server)" = 1 ] || fail "vm.counters does not show the page server: $(cat /tmp/remote.out)"
 
 # --- the daemon dies and comes back ---------------------------------------------------------
 kill -KILL "$VU_PID"
 wait_exit "$VU_PID" 30 || fail "vhost-user-mem survived SIGKILL"
 sleep 3
-wait_for_line /tmp/vmm-b.log "EXT-TICK $(($(sed -n 's/.*EXT-TICK \([0-9][0-9]*\).*/\1/p' /tmp/vmm-b.log | tail -n 1) + 2))" 60 "$VMM_PID" \
+wait_for_line /tmp/vmm-c.log "EXT-TICK $(($(sed -n 's/.*EXT-TICK \([0-9][0-9]*\).*/\1/p' /tmp/vmm-c.log | tail -n 1) + 2))" 60 "$VMM_PID" \
     || fail "the VM stopped running without its balloon daemon"
 start_daemon /tmp/vum-2.log
-remote /tmp/b.sock counters >/dev/null
+remote /tmp/c.sock counters >/dev/null
 tries=0
 until [ "$(counter vhost-user0 reconnects)" = 1 ]; do
     tries=$((tries + 1)); [ "$tries" -lt 60 ] || fail "the frontend did not reconnect: $(cat /tmp/remote.out)"
     sleep 1
-    remote /tmp/b.sock counters >/dev/null
+    remote /tmp/c.sock counters >/dev/null
 done
 metric "reconnect disconnects=$(counter vhost-user0 disconnects) reconnects=$(counter vhost-user0 reconnects)"
 vu PUT resize "{\"target_bytes\":$((64 * MIB))}" || fail "resize after the restart failed"
 wait_actual 16384 180 || fail "the balloon did not work after the daemon's restart (actual $ACTUAL)"
-guest_cmd /tmp/vmm-b.log poweroff 'EXT-L2-POWEROFF' 60 || fail "the guest did not power off"
+guest_cmd /tmp/vmm-c.log poweroff 'EXT-L2-POWEROFF' 60 || fail "the guest did not power off"
 # With an API socket the VMM outlives its VM, as Cloud Hypervisor does.
-remote /tmp/b.sock shutdown-vmm || fail "vmm.shutdown failed: $(cat /tmp/remote.out)"
+remote /tmp/c.sock shutdown-vmm || fail "vmm.shutdown failed: $(cat /tmp/remote.out)"
 wait_exit "$VMM_PID" 60 || fail "ext-vmm did not exit after vmm.shutdown"
-kill -KILL "$VU_PID"
+kill -KILL "$VU_PID" "$PS_PID"
 wait_exit "$VU_PID" 30
+wait_exit "$PS_PID" 30
 
 # --- stock Cloud Hypervisor v53.0 -------------------------------------------------------------
 [ -x "$CH" ] || fail "cloud-hypervisor is not in the lab image"
@@ -255,6 +279,6 @@ status
 metric "deflate vmm=cloud-hypervisor allocated_after_reuse_kib=$((ALLOC / 1024)) taken_back_kib=$(((ALLOC - ch_inflated) / 1024))"
 kill -KILL "$VMM_PID"
 wait_exit "$VMM_PID" 30
-! grep -q 'EXT-L2-FAIL' /tmp/vmm-a.log /tmp/vmm-b.log /tmp/ch.log || fail "a guest reported a failure: $(grep -h 'EXT-L2-FAIL' /tmp/vmm-a.log /tmp/vmm-b.log /tmp/ch.log | head -n 1)"
+! grep -q 'EXT-L2-FAIL' /tmp/vmm-a.log /tmp/vmm-b.log /tmp/vmm-c.log /tmp/ch.log || fail "a guest reported a failure: $(grep -h 'EXT-L2-FAIL' /tmp/vmm-a.log /tmp/vmm-b.log /tmp/vmm-c.log /tmp/ch.log | head -n 1)"
 echo "lab balloon: PASS"
 pass

@@ -1,6 +1,7 @@
 //! The control API over a real unix socket, with raw HTTP requests, while the `vhost` crate's
 //! real frontend drives the daemon: every endpoint, the socket's mode, bad requests, slow
-//! clients, and a snapshot read back with ext-snapshot.
+//! clients, a snapshot read back with ext-snapshot, and a page server started over the API
+//! that serves that snapshot to a real userfaultfd client.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -10,15 +11,19 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use common::{connect, send_pfns, stats_bytes, Guest, BASE_FEATURES, LEN, PAGE};
+use common::{
+    connect, send_pfns, stats_bytes, userfaultfd_available, Guest, BASE_FEATURES, LEN, PAGE,
+};
 use ext_snapshot::{fresh_memory, restore_eager, EagerOptions, PageType, SnapshotFile};
 use serde_json::Value;
 use vhost::vhost_user::Frontend;
 use vhost_user_mem::api::{ApiLimits, ApiServer};
 use vhost_user_mem::backend::lock;
 use vhost_user_mem::balloon::{VIRTIO_BALLOON_F_REPORTING, VIRTIO_BALLOON_F_STATS_VQ};
+use vhost_user_mem::page_server::client::connect_memory;
 use vhost_user_mem::{BalloonBackend, Daemon, SharedBackend};
 use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryRegion};
@@ -137,6 +142,10 @@ fn put(socket: &Path, path: &str, body: &str) -> Reply {
     Client::new(socket).request("PUT", path, Some(body))
 }
 
+fn delete(socket: &Path, path: &str) -> Reply {
+    Client::new(socket).request("DELETE", path, None)
+}
+
 fn status(socket: &Path) -> Value {
     let reply = get(socket, "/api/v1/status");
     assert_eq!(reply.status, 200, "{reply:?}");
@@ -164,6 +173,19 @@ fn start(dir: &Path) -> (SharedBackend, PathBuf, PathBuf, ApiServer) {
 
 fn page_pattern(page: u64) -> Vec<u8> {
     (0..PAGE).map(|i| (i as u8) ^ (page as u8) ^ 0xc3).collect()
+}
+
+/// Guest memory with every page 0x5a (as `Guest::new` fills it) but pages 100..110, which
+/// hold [`page_pattern`].
+fn patterned_guest() -> Guest {
+    let guest = Guest::new();
+    for page in 100..110 {
+        guest
+            .mem
+            .write_slice(&page_pattern(page), GuestAddress(page * PAGE))
+            .unwrap();
+    }
+    guest
 }
 
 #[test]
@@ -201,13 +223,7 @@ fn every_endpoint_over_a_private_socket_while_a_frontend_drives_the_balloon() {
     );
 
     // A frontend with stats (queue 2) and reporting (queue 3).
-    let guest = Guest::new();
-    for page in 100..110 {
-        guest
-            .mem
-            .write_slice(&page_pattern(page), GuestAddress(page * PAGE))
-            .unwrap();
-    }
+    let guest = patterned_guest();
     let mut frontend = Frontend::connect(&socket, 4).unwrap();
     let features =
         BASE_FEATURES | (1 << VIRTIO_BALLOON_F_STATS_VQ) | (1 << VIRTIO_BALLOON_F_REPORTING);
@@ -477,7 +493,10 @@ fn bad_requests_get_4xx_with_json_errors_and_the_daemon_keeps_serving() {
     let guest = Guest::new();
     let mut frontend = Frontend::connect(&socket, 4).unwrap();
     let mut queues = connect(&mut frontend, &guest, BASE_FEATURES, 2, 0);
-    wait_for("connected", || status(&api_socket)["connected"] == true);
+    // `connected` is set on accept; SET_MEM_TABLE is not acknowledged, so wait for it too.
+    wait_for("the memory table", || {
+        status(&api_socket)["guest_memory_bytes"] == LEN
+    });
     let target = dir.path().join("blocked.snap");
     std::fs::create_dir(dir.path().join("blocked.snap.tmp")).unwrap();
     let body = format!(r#"{{"path":"{}"}}"#, target.display());
@@ -519,8 +538,9 @@ fn slow_and_surplus_clients_do_not_hold_up_anyone() {
     let guest = Guest::new();
     let mut frontend = Frontend::connect(&socket, 4).unwrap();
     let _queues = connect(&mut frontend, &guest, BASE_FEATURES, 2, 0);
-    // Without the serve loop's flag, a memory table means connected.
-    assert_eq!(status(&api_socket)["connected"], true);
+    // Without the serve loop's flag, a memory table means connected (SET_MEM_TABLE is not
+    // acknowledged: wait for the daemon to have handled it).
+    wait_for("connected", || status(&api_socket)["connected"] == true);
 
     slow.reply().assert_error(408);
     assert!(slow.closed_by_server());
@@ -604,4 +624,212 @@ fn the_binary_serves_its_api_socket() {
         .status()
         .unwrap();
     assert_eq!(status_code.code(), Some(2));
+}
+
+const PAGE_SERVER: &str = "/api/v1/page-server";
+
+/// Whether nothing at all is at `path` (not even a dangling socket file).
+fn absent(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_err()
+}
+
+/// The body of a `PUT /api/v1/page-server`.
+fn serve_body(snapshot: &Path, socket: &Path) -> String {
+    serde_json::json!({"snapshot": snapshot, "socket": socket, "prefault": false}).to_string()
+}
+
+#[test]
+fn a_page_server_started_over_the_api_serves_the_daemons_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_backend, socket, api_socket, api) = start(dir.path());
+
+    // The guest: every page 0x5a (Guest::new), pages 100..110 a pattern, 600 and 601 inflated.
+    let guest = patterned_guest();
+    let mut frontend = Frontend::connect(&socket, 4).unwrap();
+    let mut queues = connect(&mut frontend, &guest, BASE_FEATURES, 2, 0);
+    wait_for("connected", || status(&api_socket)["connected"] == true);
+    send_pfns(&guest, &mut queues[0], &[600, 601], 16 * PAGE, 1);
+    let snapshot_path = dir.path().join("guest.snap");
+    let body = format!(r#"{{"path":"{}"}}"#, snapshot_path.display());
+    let reply = put(&api_socket, "/api/v1/snapshot", &body);
+    assert_eq!(reply.status, 200, "{reply:?}");
+    let snapshot = SnapshotFile::open(&snapshot_path).unwrap();
+    let id = snapshot.header().id.to_string();
+
+    // None runs yet.
+    let none = get(&api_socket, PAGE_SERVER).json();
+    assert_eq!(none["running"], false);
+    assert_eq!(none["socket"], Value::Null);
+    assert_eq!(none["counters"], Value::Null);
+    delete(&api_socket, PAGE_SERVER).assert_error(409);
+
+    // Snapshots that cannot be served: 400 with the page server's error, nothing running,
+    // no socket.
+    let pages_socket = dir.path().join("pages.sock");
+    let bytes = std::fs::read(&snapshot_path).unwrap();
+    let extent = snapshot.regions()[0]
+        .runs
+        .iter()
+        .find_map(|run| run.extent)
+        .unwrap();
+    let corrupt = dir.path().join("corrupt.snap");
+    let mut damaged = bytes.clone();
+    damaged[extent.offset as usize + 77] ^= 0x10;
+    std::fs::write(&corrupt, &damaged).unwrap();
+    let truncated = dir.path().join("truncated.snap");
+    std::fs::write(&truncated, &bytes[..bytes.len() - 4096]).unwrap();
+    let missing = dir.path().join("missing.snap");
+    for (file, expected) in [
+        (&corrupt, "checksum"),
+        (&truncated, "truncated.snap"),
+        (&missing, "missing.snap"),
+    ] {
+        let reply = put(&api_socket, PAGE_SERVER, &serve_body(file, &pages_socket));
+        reply.assert_error(400);
+        let text = reply.json().to_string();
+        assert!(text.contains(expected), "{}: {text}", file.display());
+        assert!(absent(&pages_socket), "{}", file.display());
+        assert_eq!(get(&api_socket, PAGE_SERVER).json()["running"], false);
+    }
+    // A path someone listens on (the API's own socket) is not taken over.
+    let reply = put(
+        &api_socket,
+        PAGE_SERVER,
+        &serve_body(&snapshot_path, &api_socket),
+    );
+    reply.assert_error(409);
+    assert_eq!(get(&api_socket, PAGE_SERVER).json()["running"], false);
+    assert_eq!(status(&api_socket)["connected"], true);
+    let reply = Client::new(&api_socket).request("POST", PAGE_SERVER, Some("{}"));
+    reply.assert_error(405);
+    assert!(
+        reply.head.contains("\r\nAllow: GET, PUT, DELETE\r\n"),
+        "{}",
+        reply.head
+    );
+
+    // Started, the snapshot named as a URL.
+    let body = serde_json::json!({
+        "snapshot_url": format!("file://{}", snapshot_path.display()),
+        "socket": pages_socket,
+    });
+    let reply = put(&api_socket, PAGE_SERVER, &body.to_string());
+    assert_eq!(reply.status, 200, "{reply:?}");
+    let started = reply.json();
+    assert_eq!(started["running"], true);
+    assert_eq!(started["snapshot"], snapshot_path.to_str().unwrap());
+    assert_eq!(started["socket"], pages_socket.to_str().unwrap());
+    assert_eq!(started["prefault"], false);
+    assert_eq!(started["snapshot_id"], id);
+    assert_eq!(
+        started["data_pages"],
+        snapshot.pages_by_type()[PageType::Data as usize]
+    );
+    assert_eq!(started["counters"]["connections"], 0);
+    let mode = std::fs::metadata(&pages_socket)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    // One at a time.
+    let other_socket = dir.path().join("other.sock");
+    let reply = put(
+        &api_socket,
+        PAGE_SERVER,
+        &serve_body(&snapshot_path, &other_socket),
+    );
+    reply.assert_error(409);
+    assert!(absent(&other_socket));
+    let now = get(&api_socket, PAGE_SERVER).json();
+    assert_eq!(now["running"], true);
+    assert_eq!(now["socket"], pages_socket.to_str().unwrap());
+    assert_eq!(now["snapshot_id"], id);
+
+    // A restoring VMM: fresh memory registered with a real userfaultfd, faults served by the
+    // daemon's page server.
+    let test = "a_page_server_started_over_the_api_serves_the_daemons_snapshot (restore)";
+    let restored = userfaultfd_available(test).then(|| {
+        let memory = Arc::new(fresh_memory(&snapshot.layout()).unwrap());
+        let (failed, failures) = mpsc::channel();
+        let hook = Box::new(move |error: &str| {
+            let _ = failed.send(error.to_string());
+        });
+        let connection = connect_memory(&pages_socket, &memory, Some(&id), hook).unwrap();
+        assert_eq!(connection.accepted().snapshot_id, id);
+        // Read on another thread: the faults must be served by the server, not by us.
+        let reader = memory.clone();
+        let pages = std::thread::spawn(move || {
+            [100, 101, 109, 50, 600, 601, 1023].map(|page| {
+                let mut bytes = vec![0u8; PAGE as usize];
+                reader
+                    .read_slice(&mut bytes, GuestAddress(page * PAGE))
+                    .unwrap();
+                bytes
+            })
+        })
+        .join()
+        .unwrap();
+        for (at, page) in [100, 101, 109].into_iter().enumerate() {
+            assert!(pages[at] == page_pattern(page), "data page {page} differs");
+        }
+        assert!(pages[3].iter().all(|&b| b == 0x5a), "data page 50 differs");
+        assert!(
+            pages[6].iter().all(|&b| b == 0x5a),
+            "data page 1023 differs"
+        );
+        for at in [4, 5] {
+            assert!(
+                pages[at].iter().all(|&b| b == 0),
+                "an inflated page is not zero"
+            );
+        }
+        let counters = get(&api_socket, PAGE_SERVER).json()["counters"].clone();
+        assert_eq!(counters["connections"], 1);
+        assert_eq!(counters["sessions"], 1);
+        assert_eq!(counters["active_sessions"], 1);
+        assert_eq!(counters["failed_sessions"], 0);
+        assert!(counters["faults"].as_u64().unwrap() >= 2, "{counters}");
+        assert!(
+            counters["data_pages_copied"].as_u64().unwrap() >= 5,
+            "{counters}"
+        );
+        assert!(
+            counters["zero_pages_mapped"].as_u64().unwrap() >= 1,
+            "{counters}"
+        );
+        assert!(failures.try_recv().is_err() && connection.failure().is_none());
+        drop(connection);
+        wait_for("the session to end", || {
+            get(&api_socket, PAGE_SERVER).json()["counters"]["active_sessions"] == 0
+        });
+        memory
+    });
+
+    // DELETE stops it: the socket is gone and a new VMM cannot connect.
+    let reply = delete(&api_socket, PAGE_SERVER);
+    assert_eq!(reply.status, 204, "{reply:?}");
+    assert!(absent(&pages_socket));
+    assert!(UnixStream::connect(&pages_socket).is_err());
+    if let Some(memory) = restored {
+        let fresh = fresh_memory(&snapshot.layout()).unwrap();
+        let refused = connect_memory(&pages_socket, &fresh, None, Box::new(|_| {}));
+        assert!(refused.is_err(), "a VMM connected after DELETE");
+        drop(memory);
+    }
+    let after = get(&api_socket, PAGE_SERVER).json();
+    assert_eq!(after["running"], false);
+    assert_eq!(after["snapshot"], Value::Null);
+    delete(&api_socket, PAGE_SERVER).assert_error(409);
+
+    // It can be started again, with prefault; it ends with the API (and so the daemon).
+    let body =
+        serde_json::json!({"snapshot": snapshot_path, "socket": pages_socket, "prefault": true});
+    let reply = put(&api_socket, PAGE_SERVER, &body.to_string());
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(reply.json()["prefault"], true);
+    assert!(UnixStream::connect(&pages_socket).is_ok());
+    api.shutdown();
+    assert!(absent(&pages_socket));
+    assert!(UnixStream::connect(&pages_socket).is_err());
 }

@@ -8,6 +8,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
@@ -17,6 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+use common::userfaultfd_available;
 use ext_snapshot::{fresh_memory, PageType, SnapshotFile, SnapshotWriter, WriteOptions, PAGE_SIZE};
 use vhost_user_mem::page_server::client::{connect, connect_memory, region_table};
 use vhost_user_mem::page_server::protocol::{Message, RegionMapping, PROTOCOL_VERSION};
@@ -81,18 +84,6 @@ fn write_snapshot(path: &Path) {
     let counts = SnapshotFile::open(path).unwrap().pages_by_type();
     assert_eq!(counts[PageType::Data as usize], 320 + pages(1).div_ceil(7));
     assert_eq!(counts[PageType::Zero as usize], 10);
-}
-
-fn userfaultfd_available(test: &str) -> bool {
-    if userfaultfd::UffdBuilder::new().create().is_ok() {
-        return true;
-    }
-    assert!(
-        std::env::var("EXT_REQUIRE_ALL").as_deref() != Ok("1"),
-        "{test}: userfaultfd not available, and EXT_REQUIRE_ALL=1 says it must be"
-    );
-    println!("SKIPPED: {test}: userfaultfd not available");
-    false
 }
 
 struct Fixture {

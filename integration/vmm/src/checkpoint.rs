@@ -212,11 +212,13 @@ impl Vmm {
         let started = Instant::now();
         let loaded = SnapshotDir::from_url(&restore.source_url)?.load()?;
         let config = loaded.config.clone();
-        if !config.vhost_user.is_empty() && restore.memory_restore_mode != RestoreMode::Eager {
+        let keeps_memfd = restore.memory_restore_mode == RestoreMode::Eager
+            || (restore.memory_restore_mode == RestoreMode::Lazy && restore.page_server.is_some());
+        if !config.vhost_user.is_empty() && !keeps_memfd {
             return Err(Error::Unsupported(
-                "a VM with vhost-user devices restores with memory_restore_mode=copy only: \
-                 mapped and ondemand restores give private memory, which a vhost-user backend \
-                 cannot map"
+                "a VM with vhost-user devices restores with memory_restore_mode=copy, or \
+                 ondemand with page_server=: mapped and in-process ondemand restores give \
+                 private memory, which a vhost-user backend cannot map"
                     .into(),
             ));
         }

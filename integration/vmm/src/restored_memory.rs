@@ -242,9 +242,9 @@ pub(super) fn restore_memory(
     }
 }
 
-/// Fresh private memory with the snapshot's regions, registered with a userfaultfd that the
-/// page server at `socket` serves (this process serves no fault). The server checks the
-/// region table and the snapshot identity; its refusal is the restore's error, and a later
+/// Fresh memory with the snapshot's regions (a memfd with `shared=on`), registered with a
+/// userfaultfd that the page server at `socket` serves (this process serves no fault). The
+/// server checks the region table and the snapshot identity; its refusal is the restore's error, and a later
 /// failure (or its disappearance) ends the VM through [`LazyFailure`].
 fn serve_from_page_server(
     file: &SnapshotFile,
@@ -256,9 +256,6 @@ fn serve_from_page_server(
             "a diff snapshot restores with memory_restore_mode=copy only".into(),
         ));
     }
-    if config.memory_shared {
-        tracing::warn!("a page-server restore gives private memory; shared=on is not kept");
-    }
     let ranges = file
         .layout()
         .into_iter()
@@ -268,7 +265,24 @@ fn serve_from_page_server(
                 .map_err(|_| Error::Memory(format!("region of {size:#x} bytes")))
         })
         .collect::<Result<Vec<_>>>()?;
-    let memory = GuestRam::from_ranges(&ranges).map_err(|e| Error::Memory(e.to_string()))?;
+    // shared=on (a vhost-user backend maps guest memory) keeps its memfd: userfaultfd's missing
+    // mode works on shmem, and a page the backend punches later faults again and reads as 0.
+    let memory = if config.memory_shared {
+        let memory = create_guest_memory(config.memory_size, true)?;
+        let layout: Vec<(GuestAddress, usize)> = memory
+            .iter()
+            .map(|r| (r.start_addr(), r.len() as usize))
+            .collect();
+        if layout != ranges {
+            return Err(Error::Snapshot(format!(
+                "the snapshot's regions {ranges:?} are not the layout of {} bytes of memory",
+                config.memory_size
+            )));
+        }
+        memory
+    } else {
+        GuestRam::from_ranges(&ranges).map_err(|e| Error::Memory(e.to_string()))?
+    };
     let failure = Arc::new(LazyFailure::default());
     let sink = failure.clone();
     let snapshot_id = file.header().id.to_string();

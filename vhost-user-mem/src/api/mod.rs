@@ -15,7 +15,8 @@
 //! umask change).
 //!
 //! - `http`: framing requests and writing responses on one connection;
-//! - `routes`: the route table and the handlers;
+//! - `routes`: the route table and the handlers (`routes/page_server.rs`: the page server
+//!   run in the daemon process);
 //! - [`types`]: the JSON bodies.
 
 mod http;
@@ -75,6 +76,8 @@ pub(crate) struct ApiContext {
     frontend_connected: Option<Arc<AtomicBool>>,
     /// Held while a snapshot is written.
     snapshot_running: Mutex<()>,
+    /// The page server started through the API, if any; it stops when the API does.
+    page_server: routes::PageServerSlot,
 }
 
 impl ApiContext {
@@ -83,6 +86,7 @@ impl ApiContext {
             backend,
             frontend_connected,
             snapshot_running: Mutex::new(()),
+            page_server: routes::PageServerSlot::default(),
         }
     }
 

@@ -28,6 +28,9 @@ use crate::error::Error;
 use crate::memory::{self, PAGE_SIZE};
 use crate::snapshot::{self, SnapshotSource};
 
+mod page_server;
+pub(crate) use page_server::PageServerSlot;
+
 /// Every endpoint is below this prefix.
 pub(crate) const PREFIX: &str = "/api/v1/";
 
@@ -62,14 +65,22 @@ impl Refusal {
             Error::SnapshotDestination { .. } => 400,
             _ => 500,
         };
-        let mut messages = vec![error.to_string()];
-        let mut cause = std::error::Error::source(error);
-        while let Some(e) = cause {
-            messages.push(e.to_string());
-            cause = e.source();
+        Refusal {
+            status,
+            messages: error_chain(error),
         }
-        Refusal { status, messages }
     }
+}
+
+/// An error's text, then its causes'.
+fn error_chain(error: &dyn std::error::Error) -> Vec<String> {
+    let mut messages = vec![error.to_string()];
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        messages.push(e.to_string());
+        cause = e.source();
+    }
+    messages
 }
 
 type Handler = fn(&ApiContext, &[u8]) -> Result<Reply, Refusal>;
@@ -115,6 +126,24 @@ const ROUTES: &[Route] = &[
         path: "snapshot",
         json_body: true,
         handler: snapshot,
+    },
+    Route {
+        method: "GET",
+        path: "page-server",
+        json_body: false,
+        handler: page_server::status,
+    },
+    Route {
+        method: "PUT",
+        path: "page-server",
+        json_body: true,
+        handler: page_server::start,
+    },
+    Route {
+        method: "DELETE",
+        path: "page-server",
+        json_body: false,
+        handler: page_server::stop,
     },
 ];
 
@@ -372,17 +401,27 @@ fn snapshot(context: &ApiContext, body: &[u8]) -> Result<Reply, Refusal> {
 
 /// The file a snapshot request names: `destination_url` (`file://` + path) or `path`.
 fn destination(request: SnapshotRequest) -> Result<PathBuf, Refusal> {
-    match (request.destination_url, request.path) {
+    named_file(
+        ("destination_url", request.destination_url),
+        ("path", request.path),
+    )
+}
+
+/// The file a request names by exactly one of two fields, given as `(name, value)`: a
+/// `file://` URL or a path.
+fn named_file(
+    (url_field, url): (&str, Option<String>),
+    (path_field, path): (&str, Option<PathBuf>),
+) -> Result<PathBuf, Refusal> {
+    match (url, path) {
         (Some(url), None) => url
             .strip_prefix("file://")
             .map(PathBuf::from)
-            .ok_or_else(|| {
-                Refusal::new(400, format!("destination_url {url:?} is not a file:// URL"))
-            }),
+            .ok_or_else(|| Refusal::new(400, format!("{url_field} {url:?} is not a file:// URL"))),
         (None, Some(path)) => Ok(path),
         _ => Err(Refusal::new(
             400,
-            "give exactly one of destination_url and path",
+            format!("give exactly one of {url_field} and {path_field}"),
         )),
     }
 }
@@ -390,6 +429,7 @@ fn destination(request: SnapshotRequest) -> Result<PathBuf, Refusal> {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
+    use std::path::Path;
 
     use super::*;
 
@@ -520,5 +560,43 @@ mod tests {
         let snapshot = br#"{"path":"/tmp/vum-never-written"}"#;
         assert_eq!(status("PUT", "/api/v1/snapshot", snapshot), 409);
         assert_eq!(status("GET", "/api/v1/status", b""), 200);
+    }
+
+    #[test]
+    fn page_server_requests_are_checked_before_anything_starts() {
+        let context = ApiContext::new(crate::backend::BalloonBackend::shared(), None);
+        let status =
+            |method: &str, path: &str, body: &[u8]| dispatch(&context, method, path, body).status;
+        let route = "/api/v1/page-server";
+        assert_eq!(status("GET", route, b""), 200);
+        assert_eq!(status("DELETE", route, b""), 409, "none runs");
+        assert_eq!(status("DELETE", route, b"{}"), 400);
+        assert_eq!(status("PUT", route, b""), 400);
+        let refused: &[&[u8]] = &[
+            br#"{"socket":"/tmp/vum-p.sock"}"#,
+            br#"{"snapshot":"s","socket":"/tmp/vum-p.sock"}"#,
+            br#"{"snapshot":"/s","socket":"p.sock"}"#,
+            br#"{"snapshot":"/s","snapshot_url":"file:///s","socket":"/tmp/vum-p.sock"}"#,
+            br#"{"snapshot_url":"http://x/s","socket":"/tmp/vum-p.sock"}"#,
+            br#"{"snapshot":"/s","socket":"/tmp/vum-p.sock","extra":1}"#,
+            br#"{"snapshot":"/s","socket":"/tmp/vum-p.sock","prefault":"yes"}"#,
+            br#"{"snapshot":"/nonexistent/vum.snap","socket":"/tmp/vum-p.sock"}"#,
+        ];
+        for body in refused {
+            assert_eq!(
+                status("PUT", route, body),
+                400,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        let wrong = dispatch(&context, "POST", route, b"{}");
+        assert_eq!(wrong.status, 405);
+        assert_eq!(wrong.allow.as_deref(), Some("GET, PUT, DELETE"));
+        assert!(!Path::new("/tmp/vum-p.sock").exists());
+        let body = dispatch(&context, "GET", route, b"").json.unwrap();
+        let now: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(now["running"], false);
+        assert_eq!(now["counters"], serde_json::Value::Null);
     }
 }

@@ -147,3 +147,44 @@ pub struct PageCounts {
     /// Stored with their bytes.
     pub data: u64,
 }
+
+/// `PUT /api/v1/page-server`: exactly one of `snapshot` and `snapshot_url`, as the snapshot
+/// endpoint names its file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageServerRequest {
+    /// The absolute path of the ext-snapshot file to serve (a full snapshot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<PathBuf>,
+    /// `file://` followed by the absolute path of the snapshot file (not percent-decoded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_url: Option<String>,
+    /// The absolute path of the unix socket restoring VMMs connect to (mode 0600; a stale
+    /// socket there is replaced, a live one refused).
+    pub socket: PathBuf,
+    /// Copy every data page in the background too, not only on fault (default `false`).
+    #[serde(default)]
+    pub prefault: bool,
+}
+
+/// `GET /api/v1/page-server`, and the answer to `PUT`: the page server running in the daemon,
+/// or `running: false` and nulls when none is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageServerStatus {
+    /// Whether a page server accepts restoring VMMs now.
+    pub running: bool,
+    /// The snapshot file it serves.
+    pub snapshot: Option<PathBuf>,
+    /// The socket it listens on.
+    pub socket: Option<PathBuf>,
+    /// Whether it copies data pages in the background.
+    pub prefault: bool,
+    /// The identity of the snapshot served, 32 hex digits (what a VMM's hello may name).
+    pub snapshot_id: Option<String>,
+    /// Data pages in the snapshot.
+    pub data_pages: Option<u64>,
+    /// When it started, milliseconds since the Unix epoch.
+    pub started_at_unix_ms: Option<u64>,
+    /// Connections, sessions and pages served so far.
+    pub counters: Option<crate::page_server::ServerCounters>,
+}

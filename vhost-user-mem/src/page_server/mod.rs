@@ -15,6 +15,7 @@
 //! server goes on with other VMs.
 
 pub mod client;
+mod counters;
 mod error;
 pub mod protocol;
 mod server;
@@ -22,6 +23,7 @@ mod server;
 use std::convert::Infallible;
 use std::path::PathBuf;
 
+pub use counters::ServerCounters;
 pub use error::{Error, Result};
 pub use server::{PageServer, RunningServer, HELLO_TIMEOUT, MAX_COPY_PAGES};
 

@@ -23,6 +23,7 @@ use ext_snapshot::restore::lazy::{poll_readable, FaultHandler, DEFERRED_RETRY};
 use ext_snapshot::{PageType, SnapshotFile, PAGE_SIZE};
 use userfaultfd::Uffd;
 
+use super::counters::{ServerCounters, Tally};
 use super::error::{Error, Result};
 use super::protocol::{self, Message, MessageReader, RegionMapping, PROTOCOL_VERSION};
 use super::ServeConfig;
@@ -41,6 +42,7 @@ pub struct PageServer {
     snapshot: Arc<SnapshotFile>,
     prefault: bool,
     stopping: Arc<AtomicBool>,
+    tally: Arc<Tally>,
 }
 
 impl PageServer {
@@ -72,12 +74,18 @@ impl PageServer {
             snapshot: Arc::new(snapshot),
             prefault: config.prefault,
             stopping: Arc::default(),
+            tally: Arc::default(),
         })
     }
 
     /// The socket it listens on.
     pub fn socket_path(&self) -> &Path {
         &self.socket
+    }
+
+    /// The snapshot it serves (validated).
+    pub fn snapshot(&self) -> &SnapshotFile {
+        &self.snapshot
     }
 
     /// Accepts VMs forever, each in its own session thread. Returns only if the listening
@@ -92,11 +100,22 @@ impl PageServer {
     pub fn spawn(self) -> Result<RunningServer> {
         let stopping = self.stopping.clone();
         let socket = self.socket.clone();
+        let tally = self.tally.clone();
+        let listener = self
+            .listener
+            .try_clone()
+            .map_err(|e| Error::io("duplicating the page server socket", e))?;
         let thread = std::thread::Builder::new()
             .name("page-server".into())
             .spawn(move || {
                 while !self.stopping.load(Ordering::SeqCst) {
-                    self.accept_one()?;
+                    if let Err(e) = self.accept_one() {
+                        // The shutdown that `stop` uses to wake the accept makes it fail.
+                        if self.stopping.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        return Err(e);
+                    }
                 }
                 Ok(())
             })
@@ -104,6 +123,8 @@ impl PageServer {
         Ok(RunningServer {
             stopping,
             socket,
+            listener,
+            tally,
             thread: Some(thread),
         })
     }
@@ -123,12 +144,14 @@ impl PageServer {
         if self.stopping.load(Ordering::SeqCst) {
             return Ok(());
         }
+        self.tally.connection_accepted();
         let id = SESSIONS.fetch_add(1, Ordering::Relaxed) + 1;
         let snapshot = self.snapshot.clone();
         let prefault = self.prefault;
+        let tally = self.tally.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("page-session-{id}"))
-            .spawn(move || Session { id, stream }.run(&snapshot, prefault));
+            .spawn(move || Session { id, stream }.run(&snapshot, prefault, &tally));
         if let Err(e) = spawned {
             tracing::error!("page server: cannot start session {id}: {e}");
         }
@@ -140,10 +163,28 @@ impl PageServer {
 pub struct RunningServer {
     stopping: Arc<AtomicBool>,
     socket: PathBuf,
+    /// A second handle on the listening socket, to wake the blocked accept.
+    listener: UnixListener,
+    tally: Arc<Tally>,
     thread: Option<JoinHandle<Result<()>>>,
 }
 
 impl RunningServer {
+    /// The socket it listens on.
+    pub fn socket_path(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Whether it still accepts connections (`false` once its accept loop failed).
+    pub fn is_running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Connections, sessions and pages served so far, live sessions included.
+    pub fn counters(&self) -> ServerCounters {
+        self.tally.counters()
+    }
+
     /// Stops accepting connections (sessions already running go on until their VMs close
     /// them) and removes the socket. Returns the accept loop's error, if it had one.
     pub fn stop(mut self) -> Result<()> {
@@ -155,8 +196,15 @@ impl RunningServer {
             return Ok(());
         };
         self.stopping.store(true, Ordering::SeqCst);
-        // Wakes the blocked accept; the loop sees the flag and ends.
-        drop(UnixStream::connect(&self.socket));
+        // Wakes the blocked accept (it fails with EINVAL); the loop sees the flag and ends.
+        // Unlike a connection to the path, this works when the socket file has gone.
+        // SAFETY: shutdown takes a descriptor we own (open until `self.listener` drops) and
+        // an integer; it touches no memory of ours.
+        if unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RD) } != 0 {
+            let e = std::io::Error::last_os_error();
+            tracing::warn!("page server: shutdown of the listening socket: {e}");
+            drop(UnixStream::connect(&self.socket));
+        }
         let result = thread
             .join()
             .unwrap_or_else(|_| Err(Error::Protocol("the page server thread panicked".into())));
@@ -219,7 +267,7 @@ struct Session {
 }
 
 impl Session {
-    fn run(self, snapshot: &SnapshotFile, prefault: bool) {
+    fn run(self, snapshot: &SnapshotFile, prefault: bool, tally: &Tally) {
         let mut handler = match self.handshake(snapshot, prefault) {
             Ok(Some(handler)) => handler,
             Ok(None) => {
@@ -227,6 +275,7 @@ impl Session {
                 return;
             }
             Err(e) => {
+                tally.hello_refused();
                 tracing::warn!("page session {}: hello refused: {e}", self.id);
                 let _ = protocol::send(&self.stream, &Message::error(e.to_string()), None);
                 return;
@@ -239,11 +288,15 @@ impl Session {
             prefault,
         };
         if let Err(e) = protocol::send(&self.stream, &ack, None) {
+            tally.hello_refused();
             tracing::warn!("page session {}: cannot acknowledge: {e}", self.id);
             return;
         }
         tracing::info!("page session {}: serving", self.id);
-        match self.serve(&mut handler) {
+        tally.session_started(self.id, handler.counters());
+        let served = self.serve(&mut handler);
+        tally.session_ended(self.id, served.is_err());
+        match served {
             Ok(reason) => {
                 let counters = handler.counters();
                 tracing::info!(

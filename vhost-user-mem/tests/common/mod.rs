@@ -243,3 +243,17 @@ pub fn pfn_bytes(pfns: &[u32]) -> Vec<u8> {
 
 pub const BASE_FEATURES: u64 =
     (1 << VIRTIO_F_VERSION_1) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+
+/// Whether this host lets us create a userfaultfd; prints `SKIPPED: <test>` when it does not
+/// (an error instead under `EXT_REQUIRE_ALL=1`).
+pub fn userfaultfd_available(test: &str) -> bool {
+    if userfaultfd::UffdBuilder::new().create().is_ok() {
+        return true;
+    }
+    assert!(
+        std::env::var("EXT_REQUIRE_ALL").as_deref() != Ok("1"),
+        "{test}: userfaultfd not available, and EXT_REQUIRE_ALL=1 says it must be"
+    );
+    println!("SKIPPED: {test}: userfaultfd not available");
+    false
+}
