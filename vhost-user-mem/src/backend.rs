@@ -154,8 +154,20 @@ impl BalloonBackend {
                 if self.event_idx {
                     queue.disable_notification(&*mem)?;
                 }
+                let before = queue.next_avail();
                 used += self.balloon.process_queue(kind, queue, &mem)?.used;
+                let popped = queue.next_avail() != before;
                 if !self.event_idx || !queue.enable_notification(&*mem)? {
+                    break;
+                }
+                if !popped {
+                    // The available index says there is more, yet no chain could be taken
+                    // (an index more than a queue ahead: a broken ring). Going round again
+                    // would spin; the next kick tries again.
+                    warn!(
+                        index,
+                        "available ring index is invalid; the queue waits for the next kick"
+                    );
                     break;
                 }
             }

@@ -42,7 +42,9 @@ use vhost::vhost_user::{
 };
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_DESC_F_NEXT,
+};
 use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -406,6 +408,9 @@ fn start_rings(
         .set_mem_table(&regions)
         .map_err(|e| vhost_error("SET_MEM_TABLE", e))?;
     for setup in &active.queues {
+        populate_queue(&active.memory, &setup.state);
+    }
+    for setup in &active.queues {
         let q = &setup.state;
         let host = |gpa: u64, what: &str| -> Result<u64> {
             active
@@ -453,6 +458,61 @@ fn start_rings(
         let _ = kicks[setup.index].write(1);
     }
     Ok(())
+}
+
+/// Reads (so faults in) every page the backend may read for the queue: its rings and the
+/// buffers of the chains the guest made available and the device has not used yet.
+///
+/// After an on-demand restore the guest's memory arrives page by page, through faults on *this*
+/// process's mapping. The backend maps the same memfd without the userfaultfd: a page it read
+/// before it arrived would be created as zeros in the memfd, and the guest would then find
+/// zeros there instead of its data. Pages the guest writes after the restore arrive through its
+/// own faults first; the rest of what the backend reads is what this walk touches. (Inflated
+/// and reported pages it only punches.)
+fn populate_queue(memory: &GuestRam, q: &QueueState) {
+    let size = u64::from(q.size);
+    let touch = |gpa: u64, len: u64| {
+        let end = gpa.saturating_add(len.min(1 << 20));
+        let mut page = gpa & !0xfff;
+        while page < end {
+            let _ = memory.read_obj::<u8>(GuestAddress(page.max(gpa)));
+            page += 4096;
+        }
+    };
+    touch(q.desc_table, 16 * size);
+    touch(q.avail_ring, 6 + 2 * size);
+    touch(q.used_ring, 6 + 8 * size);
+    let Ok(avail) = memory.read_obj::<u16>(GuestAddress(q.avail_ring + 2)) else {
+        return;
+    };
+    let avail = u16::from_le(avail);
+    let mut index = q.next_avail;
+    let mut chains = 0;
+    while index != avail && chains < size {
+        let slot = u64::from(index) % size.max(1);
+        let Ok(head) = memory.read_obj::<u16>(GuestAddress(q.avail_ring + 4 + 2 * slot)) else {
+            return;
+        };
+        let mut desc = u64::from(u16::from_le(head));
+        for _ in 0..size {
+            let base = q.desc_table + 16 * (desc % size.max(1));
+            let (Ok(addr), Ok(len), Ok(flags), Ok(next)) = (
+                memory.read_obj::<u64>(GuestAddress(base)),
+                memory.read_obj::<u32>(GuestAddress(base + 8)),
+                memory.read_obj::<u16>(GuestAddress(base + 12)),
+                memory.read_obj::<u16>(GuestAddress(base + 14)),
+            ) else {
+                break;
+            };
+            touch(u64::from_le(addr), u64::from(u32::from_le(len)));
+            if u32::from(u16::from_le(flags)) & VRING_DESC_F_NEXT == 0 {
+                break;
+            }
+            desc = u64::from(u16::from_le(next));
+        }
+        index = index.wrapping_add(1);
+        chains += 1;
+    }
 }
 
 /// The used index the guest sees for `state`'s queue: where a (new) backend starts.
