@@ -99,53 +99,82 @@ pub fn find_daemon(explicit: Option<&Path>) -> Result<PathBuf> {
         })
 }
 
-/// The daemon process and its socket directory; both go away on drop, also when the bench
-/// fails half way.
+/// Kills and reaps a child of the bench (it may have exited already).
+fn stop(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Spawns `command` (`what` in messages) and waits until every path of `sockets` exists (the
+/// program binds them before it serves). The child is killed and reaped if it exits first or
+/// takes longer than [`PATIENCE`].
+fn spawn_listening(command: &mut Command, what: &Path, sockets: &[&Path]) -> Result<Child> {
+    let mut child = command
+        .stdin(Stdio::null())
+        .spawn()
+        .map_err(io(format!("starting {}", what.display())))?;
+    let deadline = Instant::now() + PATIENCE;
+    while let Some(missing) = sockets.iter().find(|socket| !socket.exists()) {
+        let failure = match child.try_wait() {
+            Ok(Some(status)) => Some(format!(
+                "{} exited ({status}) before listening",
+                what.display()
+            )),
+            _ if Instant::now() > deadline => Some(format!(
+                "{} did not create {} in {PATIENCE:?}",
+                what.display(),
+                missing.display()
+            )),
+            _ => None,
+        };
+        if let Some(failure) = failure {
+            stop(&mut child);
+            return Err(BenchError::Other(failure));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(child)
+}
+
+/// The daemon process and its directory (its two sockets, and the snapshots the bench
+/// writes); both go away on drop, also when the bench fails half way.
 pub struct DaemonProcess {
     child: Child,
     dir: PathBuf,
     socket: PathBuf,
+    api_socket: PathBuf,
 }
 
 impl DaemonProcess {
-    /// Starts `binary` on a fresh socket and waits until it listens.
+    /// Starts `binary` on a fresh vhost-user socket and control API socket and waits until it
+    /// listens on both.
     pub fn start(binary: &Path) -> Result<Self> {
         let dir = std::env::temp_dir().join(format!("vhost-user-mem-bench.{}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
         let socket = dir.join("balloon.sock");
-        let child = Command::new(binary)
-            .arg("--socket")
-            .arg(&socket)
-            .args(["--log-level", "warn"])
-            .stdin(Stdio::null())
-            .spawn()
-            .map_err(io(format!("starting {}", binary.display())));
-        let child = match child {
-            Ok(child) => child,
+        let api_socket = dir.join("api.sock");
+        let child = spawn_listening(
+            Command::new(binary)
+                .arg("--socket")
+                .arg(&socket)
+                .arg("--api-socket")
+                .arg(&api_socket)
+                .args(["--log-level", "warn"]),
+            binary,
+            &[&socket, &api_socket],
+        );
+        match child {
+            Ok(child) => Ok(DaemonProcess {
+                child,
+                dir,
+                socket,
+                api_socket,
+            }),
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
-                return Err(e);
+                Err(e)
             }
-        };
-        let mut daemon = DaemonProcess { child, dir, socket };
-        let deadline = Instant::now() + PATIENCE;
-        while !daemon.socket.exists() {
-            if let Ok(Some(status)) = daemon.child.try_wait() {
-                return Err(BenchError::Other(format!(
-                    "{} exited ({status}) before listening",
-                    binary.display()
-                )));
-            }
-            if Instant::now() > deadline {
-                return Err(BenchError::Other(format!(
-                    "{} did not create {} in {PATIENCE:?}",
-                    binary.display(),
-                    daemon.socket.display()
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(5));
         }
-        Ok(daemon)
     }
 
     /// The daemon's process id.
@@ -157,13 +186,62 @@ impl DaemonProcess {
     pub fn socket(&self) -> &Path {
         &self.socket
     }
+
+    /// Its control API socket (`vhost-user-mem/openapi.yaml`).
+    pub fn api_socket(&self) -> &Path {
+        &self.api_socket
+    }
+
+    /// The bench's scratch directory (removed with the daemon): snapshots go here.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
 }
 
 impl Drop for DaemonProcess {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop(&mut self.child);
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `vhost-user-mem serve --snapshot <file> --socket <path>` in a child process, killed on drop.
+pub struct PageServerProcess {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl PageServerProcess {
+    /// Starts `binary serve` on `snapshot`, listening on `socket`, and waits until it listens
+    /// (it validates the snapshot's checksums first).
+    pub fn start(binary: &Path, snapshot: &Path, socket: &Path) -> Result<Self> {
+        let child = spawn_listening(
+            Command::new(binary)
+                .arg("serve")
+                .arg("--snapshot")
+                .arg(snapshot)
+                .arg("--socket")
+                .arg(socket)
+                .args(["--log-level", "warn"]),
+            binary,
+            &[socket],
+        )?;
+        Ok(PageServerProcess {
+            child,
+            socket: socket.to_path_buf(),
+        })
+    }
+
+    /// The socket restoring VMMs connect to.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+}
+
+impl Drop for PageServerProcess {
+    fn drop(&mut self) {
+        stop(&mut self.child);
+        let _ = std::fs::remove_file(&self.socket);
     }
 }
 

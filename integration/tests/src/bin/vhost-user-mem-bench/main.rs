@@ -9,13 +9,19 @@
 //!   the daemon, against `fallocate(PUNCH_HOLE)` of the same ranges from this process;
 //! - inflate cost per MiB: 4 KiB PFNs in 256-PFN requests, against punching the same runs of
 //!   pages from this process;
-//! - the daemon's resident memory after the runs (`VmRSS`, `RssAnon`) against 16 MiB plus its
-//!   invalid-page bitmap;
-//! - two extension points, the daemon's snapshot time and the page server's fault latency,
-//!   printed as not measured until those parts of the daemon exist.
+//! - snapshot time: `PUT /api/v1/snapshot` on the daemon's control API against ext-snapshot's
+//!   writer in this process (what ext-vmm does), on the same memory: a random mix of data,
+//!   zero, untouched and ballooned pages ([`mix`], [`snapshot`]);
+//! - fault latency: `vhost-user-mem serve` on that snapshot, in its own process, against
+//!   ext-snapshot's in-process lazy restore of the same file ([`faults`]);
+//! - the daemon's resident memory after its snapshot and after all runs (`VmRSS`, `RssAnon`,
+//!   `RssFile`, `RssShmem`): its own memory (`VmRSS` without the guest pages it maps, which
+//!   are the guest's and counted once for the host) against 16 MiB plus its invalid-page
+//!   bitmap.
 //!
 //! Every punch is checked: the memfd's allocated bytes (`st_blocks`) must drop by exactly what
-//! was reported or inflated. No timing is asserted anywhere; the figures are printed.
+//! was reported or inflated; both snapshots of a round must hold the same pages of each type.
+//! No timing is asserted anywhere; the figures are printed.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -27,10 +33,14 @@ use vhost_user_mem::memory::{punch_range, PAGE_SHIFT, PAGE_SIZE};
 use vm_memory::{Bytes, GuestAddress};
 
 mod driver;
+mod faults;
+mod mix;
+mod snapshot;
 use driver::{
-    BenchError, Buffer, Connection, DaemonProcess, Guest, Resident, Result, INFLATE_QUEUE,
-    PFN_BUFFER, REPORTING_QUEUE, RESERVED,
+    BenchError, Buffer, Connection, DaemonProcess, Guest, Resident, Result, Virtqueue,
+    INFLATE_QUEUE, PFN_BUFFER, REPORTING_QUEUE, RESERVED,
 };
+use ext_snapshot::PageType;
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -56,6 +66,9 @@ struct Args {
     /// The vhost-user-mem binary (default: $VHOST_USER_MEM_BIN, else next to this one).
     #[arg(long)]
     daemon: Option<PathBuf>,
+    /// Where both snapshot writers write (default: the temporary directory); files are removed.
+    #[arg(long)]
+    snapshot_dir: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -181,36 +194,41 @@ fn measure_reporting(guest: &Guest, connection: &mut Connection, rounds: u32) ->
     alternate(rounds, daemon, direct)
 }
 
-/// The inflate requests: every page above the reserved block, 256 PFNs per request, in
-/// ascending order (as a fresh guest's allocator tends to hand pages to the balloon).
-fn inflate_requests(guest: &Guest) -> Result<Vec<Vec<u32>>> {
-    let pfns: Vec<u32> = (RESERVED >> PAGE_SHIFT..guest.size >> PAGE_SHIFT)
+/// Inflate or deflate requests for the frames `gfns`, 256 PFNs per request, in ascending
+/// order (as a fresh guest's allocator tends to hand pages to the balloon).
+fn pfn_requests(gfns: std::ops::Range<u64>) -> Result<Vec<Vec<u32>>> {
+    let pfns: Vec<u32> = gfns
         .map(u32::try_from)
         .collect::<std::result::Result<_, _>>()
         .map_err(|_| BenchError::Other("guest memory too large for 32-bit PFNs".into()))?;
     Ok(pfns.chunks(PFNS_PER_REQUEST).map(<[u32]>::to_vec).collect())
 }
 
+/// One inflate or deflate request (by `queue`): `pfns` as little-endian u32 in the PFN buffer,
+/// one device-readable descriptor, waited for until used.
+fn send_pfns(guest: &Guest, queue: &mut Virtqueue, pfns: &[u32]) -> Result<()> {
+    let payload: Vec<u8> = pfns.iter().flat_map(|pfn| pfn.to_le_bytes()).collect();
+    guest
+        .mem
+        .write_slice(&payload, GuestAddress(PFN_BUFFER))
+        .map_err(|e| BenchError::Other(format!("writing PFNs: {e}")))?;
+    let buffer = Buffer {
+        addr: PFN_BUFFER,
+        len: payload.len() as u32,
+        writable: false,
+    };
+    queue.request(&guest.mem, &[buffer])
+}
+
 fn measure_inflate(guest: &Guest, connection: &mut Connection, rounds: u32) -> Result<Timing> {
-    let requests = inflate_requests(guest)?;
+    let requests = pfn_requests(RESERVED >> PAGE_SHIFT..guest.size >> PAGE_SHIFT)?;
     let bytes = guest.size - RESERVED;
     let queue = &mut connection.queues[INFLATE_QUEUE];
     let daemon = || {
         timed_run(guest, bytes, "inflating through the daemon", || {
-            for request in &requests {
-                let payload: Vec<u8> = request.iter().flat_map(|pfn| pfn.to_le_bytes()).collect();
-                guest
-                    .mem
-                    .write_slice(&payload, GuestAddress(PFN_BUFFER))
-                    .map_err(|e| BenchError::Other(format!("writing PFNs: {e}")))?;
-                let buffer = Buffer {
-                    addr: PFN_BUFFER,
-                    len: payload.len() as u32,
-                    writable: false,
-                };
-                queue.request(&guest.mem, &[buffer])?;
-            }
-            Ok(())
+            requests
+                .iter()
+                .try_for_each(|request| send_pfns(guest, queue, request))
         })
     };
     let direct = || {
@@ -226,35 +244,6 @@ fn measure_inflate(guest: &Guest, connection: &mut Connection, rounds: u32) -> R
         })
     };
     alternate(rounds, daemon, direct)
-}
-
-/// One figure that needs a part of the daemon not measured here yet.
-struct Pending {
-    name: &'static str,
-    target: f64,
-    waits_for: &'static str,
-}
-
-/// EXTENSION POINT (issue 9, item 8): the daemon's snapshot time against ext-vmm's in-process
-/// writer on the same memory, target <= 1.1x. Fill in once the daemon writes snapshots
-/// (`vhost_user_mem::snapshot::write_snapshot` through its control API): snapshot `guest` with
-/// the daemon, then with ext-snapshot's writer in this process, and return the ratio (daemon /
-/// in process) of the medians over `rounds`. `Ok(None)`: not measured yet.
-fn snapshot_time_ratio(
-    _guest: &Guest,
-    _daemon: &DaemonProcess,
-    _rounds: u32,
-) -> Result<Option<Timing>> {
-    Ok(None)
-}
-
-/// EXTENSION POINT (issue 9, item 8): page-server fault latency against ext-snapshot's
-/// in-process lazy restore (`restore_lazy`), target <= 1.5x. Fill in once
-/// `vhost-user-mem serve` hands out faults (`vhost_user_mem::page_server`): restore the same
-/// snapshot both ways, touch the same pages, and return per-fault medians. `Ok(None)`: not
-/// measured yet.
-fn page_server_fault_ratio(_guest: &Guest, _rounds: u32) -> Result<Option<Timing>> {
-    Ok(None)
 }
 
 fn verdict(met: bool) -> &'static str {
@@ -275,13 +264,25 @@ fn run(args: &Args) -> Result<()> {
     let guest = Guest::new(size)?;
     guest.populate(0, size)?;
     let mut connection = driver::connect(daemon.socket(), &guest)?;
+    let mut api = ext_vmm_api::ApiClient::connect(daemon.api_socket())
+        .map_err(|e| BenchError::Other(e.to_string()))?;
 
     let measured = size - RESERVED;
     let reporting = measure_reporting(&guest, &mut connection, args.rounds)?;
     let inflate = measure_inflate(&guest, &mut connection, args.rounds)?;
+    let mix = mix::fill(&guest, &mut connection, &mut api)?;
+    // Absolute: the daemon refuses relative snapshot paths.
+    let snapshot_dir = match &args.snapshot_dir {
+        Some(dir) => std::fs::canonicalize(dir).map_err(|source| BenchError::Io {
+            what: format!("--snapshot-dir {}", dir.display()),
+            source,
+        })?,
+        None => daemon.dir().to_path_buf(),
+    };
+    let snapshot = snapshot::measure(&guest, &mix, &daemon, &snapshot_dir, args.rounds)?;
+    let after_snapshot = driver::resident(daemon.pid())?;
+    let faults = faults::measure(&binary, snapshot.kept.path(), daemon.dir(), args.rounds)?;
     let resident = driver::resident(daemon.pid())?;
-    let snapshot = snapshot_time_ratio(&guest, &daemon, args.rounds)?;
-    let faults = page_server_fault_ratio(&guest, args.rounds)?;
 
     println!(
         "vhost-user-mem-bench (scale {}): guest memory {} MiB in a memfd, every page written \
@@ -318,59 +319,125 @@ fn run(args: &Args) -> Result<()> {
         micros_per_mib(inflate.direct_seconds),
         inflate.ratio()
     );
-    print_resident(&resident, size);
-    for (figure, pending) in [
-        (
-            snapshot,
-            Pending {
-                name: "daemon snapshot time vs ext-vmm's in-process writer",
-                target: 1.1,
-                waits_for: "snapshot_time_ratio",
-            },
-        ),
-        (
-            faults,
-            Pending {
-                name: "page-server fault latency vs ext-snapshot's in-process lazy restore",
-                target: 1.5,
-                waits_for: "page_server_fault_ratio",
-            },
-        ),
-    ] {
-        match figure {
-            Some(timing) => println!(
-                "{}: daemon {:.3} ms, in process {:.3} ms, ratio {:.2}; target <= {:.1}x: {}",
-                pending.name,
-                timing.daemon_seconds * 1e3,
-                timing.direct_seconds * 1e3,
-                timing.ratio(),
-                pending.target,
-                verdict(timing.ratio() <= pending.target)
-            ),
-            None => println!(
-                "{}: not measured yet (extension point {}); target <= {:.1}x",
-                pending.name, pending.waits_for, pending.target
-            ),
-        }
-    }
+    print_snapshot(&mix, &snapshot, &snapshot_dir);
+    print_faults(&faults);
+    print_resident(
+        "daemon resident memory after its snapshot",
+        &after_snapshot,
+        size,
+    );
+    print_resident("daemon resident memory", &resident, size);
     Ok(())
 }
 
-fn print_resident(resident: &Resident, guest_bytes: u64) {
+fn print_snapshot(mix: &mix::Mix, timing: &snapshot::SnapshotTiming, dir: &std::path::Path) {
+    let pages = |page_type: PageType| timing.pages_by_type[page_type as usize];
+    println!(
+        "snapshot memory: above the reserved 2 MiB, page by page at random, {} data pages of \
+         random bytes ({}%), {} written zero ({}%), {} never touched, {} inflated through the \
+         daemon ({}%); both files: {} data, {} zero, {} not populated, {} invalid pages, {:.1} \
+         MiB, the same counts and length in every round; written to {}, synced before each \
+         write",
+        mix.data_pages,
+        mix::DATA_PERCENT,
+        mix.zero_pages,
+        mix::ZERO_PERCENT,
+        mix.untouched_pages,
+        mix.inflated.len(),
+        mix::INFLATED_PERCENT,
+        pages(PageType::Data),
+        pages(PageType::Zero),
+        pages(PageType::NotPopulated),
+        pages(PageType::Invalid),
+        timing.file_bytes as f64 / MIB as f64,
+        dir.display()
+    );
+    let ms = |seconds: f64| seconds * 1e3;
+    let [first, second] = timing.by_position();
+    let position = |ratio: Option<f64>| ratio.map_or("-".to_string(), |r| format!("{r:.2}"));
+    println!(
+        "daemon snapshot time vs ext-vmm's in-process writer: daemon {:.1} ms ({:.1}..{:.1}; \
+         PUT /api/v1/snapshot wall time, {:.1} ms by its duration_ms; first round, its mapping \
+         cold, {:.1} ms), in process {:.1} ms ({:.1}..{:.1}; SnapshotWriter::write_file, \
+         invalid pages as a GfnBitmap), ratio {:.2} (daemon wall / in process: geometric \
+         mean of the ratios of medians of writes in the same position, first {}, second {}); \
+         target <= 1.1x: {}",
+        ms(timing.daemon.median),
+        ms(timing.daemon.min),
+        ms(timing.daemon.max),
+        ms(timing.daemon_reported_seconds),
+        ms(timing.daemon_first_seconds),
+        ms(timing.in_process.median),
+        ms(timing.in_process.min),
+        ms(timing.in_process.max),
+        timing.ratio(),
+        position(first),
+        position(second),
+        verdict(timing.ratio() <= 1.1)
+    );
+    let rounds: Vec<String> = timing
+        .rounds
+        .iter()
+        .enumerate()
+        .map(|(round, &(daemon, local))| {
+            if round % 2 == 0 {
+                format!("daemon {:.0} then in process {:.0}", ms(daemon), ms(local))
+            } else {
+                format!("in process {:.0} then daemon {:.0}", ms(local), ms(daemon))
+            }
+        })
+        .collect();
+    println!("snapshot rounds (ms): {}", rounds.join("; "));
+}
+
+fn print_faults(figures: &faults::FaultFigures) {
+    let describe = |latency: &faults::Latency| {
+        format!(
+            "median {:.2} µs, p99 {:.2} µs, {} faults",
+            latency.median_us, latency.p99_us, latency.faults_per_pass
+        )
+    };
+    let order = |ratio: Option<f64>| ratio.map_or("-".to_string(), |r| format!("{r:.2}"));
+    println!(
+        "page-server fault latency, ascending pass: page server {}, in process {}, ratio {:.2}",
+        describe(&figures.sequential[0]),
+        describe(&figures.sequential[1]),
+        figures.sequential_ratio()
+    );
+    println!(
+        "page-server fault latency vs ext-snapshot's in-process lazy restore: {} data pages \
+         touched in a shuffled order, one read each from a thread of the bench; page server \
+         (vhost-user-mem serve, own process) {}, in process (restore_lazy) {}, ratio {:.2} \
+         (page server / in process, medians; page server first {}, second {}); target <= \
+         1.5x: {}",
+        figures.data_pages,
+        describe(&figures.shuffled[0]),
+        describe(&figures.shuffled[1]),
+        figures.ratio(),
+        order(figures.by_order[0]),
+        order(figures.by_order[1]),
+        verdict(figures.ratio() <= 1.5)
+    );
+}
+
+fn print_resident(what: &str, resident: &Resident, guest_bytes: u64) {
     // One bit per 4 KiB guest page.
     let bitmap = guest_bytes / PAGE_SIZE / 8;
     let limit = RSS_TARGET_BASE + bitmap;
+    // The guest pages it maps are the guest's memory, shared with the VMM: not the daemon's.
+    let own = resident.total.saturating_sub(resident.shmem);
     let mib = |bytes: u64| bytes as f64 / MIB as f64;
     println!(
-        "daemon resident memory: VmRSS {:.2} MiB (RssAnon {:.2} MiB, RssFile {:.2} MiB, RssShmem \
-         {:.2} MiB of guest pages it touched), bitmap {:.1} KiB; target VmRSS <= 16 MiB + bitmap \
-         = {:.2} MiB: {}",
+        "{what}: VmRSS {:.2} MiB (RssAnon {:.2} MiB, RssFile {:.2} MiB, RssShmem {:.2} MiB of \
+         guest pages it touched), its own {:.2} MiB (VmRSS - RssShmem), bitmap {:.1} KiB; \
+         target own <= 16 MiB + bitmap = {:.2} MiB: {}",
         mib(resident.total),
         mib(resident.anon),
         mib(resident.file),
         mib(resident.shmem),
+        mib(own),
         bitmap as f64 / 1024.0,
         mib(limit),
-        verdict(resident.total <= limit)
+        verdict(own <= limit)
     );
 }
