@@ -42,6 +42,7 @@ fn create_config(dir: &Path, serial: &Path) -> VmCreateConfig {
         serial: OutputMode::File(serial.display().to_string()),
         console: OutputMode::Off,
         disks: Vec::new(),
+        generic_vhost_user: Vec::new(),
     }
 }
 

@@ -37,4 +37,4 @@ pub use types::{
     PermAssign, PermCapabilities, PermCreateView, PermSet, VmCounters, VmInfo, VmRestoreConfig,
     VmSnapshotConfig, VmState, VmmPingResponse,
 };
-pub use vm_config::{DiskSpec, OutputMode, VmCreateConfig};
+pub use vm_config::{DiskSpec, OutputMode, VhostUserSpec, VmCreateConfig};

@@ -31,6 +31,17 @@ pub struct DiskSpec {
     pub readonly: bool,
 }
 
+/// One device served by a vhost-user backend (`GenericVhostUserConfig`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VhostUserSpec {
+    /// The backend's unix socket.
+    pub socket: String,
+    /// Size of each queue; the length is the number of queues.
+    pub queue_sizes: Vec<u16>,
+    /// Virtio device type (5 = balloon).
+    pub device_type: u32,
+}
+
 /// The VM a `vm.create` asks for, in the terms ext-vmm implements.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmCreateConfig {
@@ -52,6 +63,8 @@ pub struct VmCreateConfig {
     pub console: OutputMode,
     /// `disks`.
     pub disks: Vec<DiskSpec>,
+    /// `generic_vhost_user`.
+    pub generic_vhost_user: Vec<VhostUserSpec>,
 }
 
 /// Cloud Hypervisor's default memory size (`DEFAULT_MEMORY_MB`).
@@ -146,6 +159,18 @@ impl VmCreateConfig {
                 });
             }
         }
+        let mut generic_vhost_user = Vec::new();
+        if let Some(list) = fields.array("generic_vhost_user")? {
+            for (index, device) in list.into_iter().enumerate() {
+                let path = format!("generic_vhost_user[{index}]");
+                let Value::Object(device) = device else {
+                    return Err(ApiError::bad_request(format!(
+                        "vm.create: {path} must be an object"
+                    )));
+                };
+                generic_vhost_user.push(vhost_user_spec(Fields::new(device, &path))?);
+            }
+        }
         fields.finish()?;
         Ok(VmCreateConfig {
             kernel,
@@ -157,8 +182,41 @@ impl VmCreateConfig {
             serial,
             console,
             disks,
+            generic_vhost_user,
         })
     }
+}
+
+fn vhost_user_spec(mut device: Fields) -> Result<VhostUserSpec, ApiError> {
+    let socket = device
+        .string("socket")?
+        .ok_or_else(|| device.invalid("socket", "is required"))?;
+    let device_type = device
+        .integer("device_type")?
+        .and_then(|t| u32::try_from(t).ok())
+        .filter(|t| *t > 0)
+        .ok_or_else(|| device.invalid("device_type", "is required (a virtio device ID)"))?;
+    let sizes = device
+        .array("queue_sizes")?
+        .ok_or_else(|| device.invalid("queue_sizes", "is required"))?;
+    let queue_sizes = sizes
+        .iter()
+        .map(|size| {
+            size.as_u64()
+                .and_then(|s| u16::try_from(s).ok())
+                .filter(|s| s.is_power_of_two())
+        })
+        .collect::<Option<Vec<u16>>>()
+        .filter(|sizes| !sizes.is_empty())
+        .ok_or_else(|| device.invalid("queue_sizes", "must be powers of two up to 32768"))?;
+    device.allow_any("id");
+    device.allow_value("pci_segment", &Value::from(0));
+    device.finish()?;
+    Ok(VhostUserSpec {
+        socket,
+        queue_sizes,
+        device_type,
+    })
 }
 
 fn output_mode(mut config: Fields) -> Result<OutputMode, ApiError> {
@@ -293,6 +351,52 @@ mod tests {
 
     fn parse(json: &str) -> Result<VmCreateConfig, ApiError> {
         VmCreateConfig::from_json(json.as_bytes())
+    }
+
+    #[test]
+    fn generic_vhost_user_devices_are_taken() {
+        let config = parse(
+            r#"{"payload":{"kernel":"/k"},"memory":{"size":1073741824,"shared":true},
+                "generic_vhost_user":[{"socket":"/run/b.sock","queue_sizes":[256,256,128],
+                "device_type":5,"id":"b0","pci_segment":0}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            config.generic_vhost_user,
+            vec![VhostUserSpec {
+                socket: "/run/b.sock".into(),
+                queue_sizes: vec![256, 256, 128],
+                device_type: 5,
+            }]
+        );
+        for (bad, field) in [
+            (r#"[{"queue_sizes":[1],"device_type":5}]"#, "socket"),
+            (
+                r#"[{"socket":"s","queue_sizes":[3],"device_type":5}]"#,
+                "queue_sizes",
+            ),
+            (
+                r#"[{"socket":"s","queue_sizes":[],"device_type":5}]"#,
+                "queue_sizes",
+            ),
+            (r#"[{"socket":"s","queue_sizes":[1]}]"#, "device_type"),
+            (
+                r#"[{"socket":"s","queue_sizes":[1],"device_type":5,"pci_segment":1}]"#,
+                "pci_segment",
+            ),
+            (
+                r#"[{"socket":"s","queue_sizes":[1],"device_type":5,"extra":true}]"#,
+                "extra",
+            ),
+        ] {
+            let body = format!(r#"{{"payload":{{"kernel":"/k"}},"generic_vhost_user":{bad}}}"#);
+            let error = parse(&body).unwrap_err();
+            assert!(
+                error.messages.iter().any(|m| m.contains(field)),
+                "{bad}: {:?}",
+                error.messages
+            );
+        }
     }
 
     #[test]

@@ -82,7 +82,7 @@ impl VmConfig {
             OutputMode::Tty => SerialOutput::Tty,
             OutputMode::File(path) => SerialOutput::File(PathBuf::from(path)),
         };
-        Ok(VmConfig {
+        let config = VmConfig {
             kernel: PathBuf::from(&create.kernel),
             initramfs: create.initramfs.as_ref().map(PathBuf::from),
             cmdline: create.cmdline.clone().unwrap_or_default(),
@@ -98,8 +98,19 @@ impl VmConfig {
                     readonly: d.readonly,
                 })
                 .collect(),
-            vhost_user: Vec::new(),
-        })
+            vhost_user: create
+                .generic_vhost_user
+                .iter()
+                .map(|v| VhostUserConfig {
+                    device_type: v.device_type,
+                    socket: PathBuf::from(&v.socket),
+                    queue_sizes: v.queue_sizes.clone(),
+                    control_socket: None,
+                })
+                .collect(),
+        };
+        config.validate()?;
+        Ok(config)
     }
 
     /// Checks what the options cannot check one by one.
