@@ -374,6 +374,10 @@ impl Session {
         let mut discard = [0u8; 512];
         loop {
             if handler.finished() {
+                // The VMM unmapped its memory (it is tearing the VM down): nothing is left to
+                // serve, but the connection stays until the VMM closes it, so that it does not
+                // take the server's hang-up for a failure.
+                self.wait_for_hang_up();
                 return Ok("the VM's memory is gone");
             }
             let timeout = if handler.has_deferred() {
