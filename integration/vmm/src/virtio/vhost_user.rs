@@ -126,6 +126,20 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, Link> {
         self.link.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    /// Counts one event in `counter` and raises the running device's interrupt with `raise`
+    /// (nothing to raise while the device is not activated).
+    fn count_and_raise(
+        &self,
+        counter: &AtomicU64,
+        raise: fn(&VirtioInterrupt) -> Result<()>,
+    ) -> Result<()> {
+        counter.fetch_add(1, Ordering::Relaxed);
+        match self.lock().active.as_ref() {
+            Some(active) => raise(&active.interrupt),
+            None => Ok(()),
+        }
+    }
 }
 
 /// A virtio device served by a vhost-user backend.
@@ -202,16 +216,11 @@ struct ConfigChangeRelay {
 impl VhostUserFrontendReqHandler for ConfigChangeRelay {
     fn handle_config_change(&self) -> std::io::Result<u64> {
         self.shared
-            .counters
-            .config_changes
-            .fetch_add(1, Ordering::Relaxed);
-        let link = self.shared.lock();
-        if let Some(active) = link.active.as_ref() {
-            active
-                .interrupt
-                .signal_config_change()
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
-        }
+            .count_and_raise(
+                &self.shared.counters.config_changes,
+                VirtioInterrupt::signal_config_change,
+            )
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
         Ok(0)
     }
 }
@@ -717,15 +726,11 @@ impl Relay {
         };
         // The counter's value does not matter: one interrupt covers every completion.
         let _ = call.read();
-        self.shared
-            .counters
-            .used_interrupts
-            .fetch_add(1, Ordering::Relaxed);
-        let link = self.shared.lock();
-        if let Some(active) = link.active.as_ref() {
-            if let Err(e) = active.interrupt.signal_used_queue() {
-                error!("vhost-user used-ring interrupt: {e}");
-            }
+        if let Err(e) = self.shared.count_and_raise(
+            &self.shared.counters.used_interrupts,
+            VirtioInterrupt::signal_used_queue,
+        ) {
+            error!("vhost-user used-ring interrupt: {e}");
         }
     }
 }
