@@ -122,6 +122,19 @@ struct Shared {
     counters: Counters,
 }
 
+impl Link {
+    /// The bytes of the config window an access of `len` bytes at `offset` covers, if the
+    /// backend takes config accesses and the access lies inside the window.
+    fn config_range(&self, offset: u64, len: usize) -> Option<std::ops::Range<usize>> {
+        if !self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+            return None;
+        }
+        let start = usize::try_from(offset).ok()?;
+        let end = start.checked_add(len)?;
+        (end <= self.config.len()).then_some(start..end)
+    }
+}
+
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Link> {
         self.link.lock().unwrap_or_else(PoisonError::into_inner)
@@ -759,27 +772,25 @@ impl VirtioDevice for VhostUserDevice {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let mut link = self.shared.lock();
-        let inside = usize::try_from(offset)
-            .ok()
-            .and_then(|start| start.checked_add(data.len()))
-            .is_some_and(|end| end <= link.config.len());
-        let has_config = link.protocol.contains(VhostUserProtocolFeatures::CONFIG);
-        if let (true, true, Some(frontend)) = (inside, has_config, link.frontend.as_mut()) {
-            let buf = vec![0u8; data.len()];
-            match frontend.get_config(
-                offset as u32,
-                data.len() as u32,
-                VhostUserConfigFlags::WRITABLE,
-                &buf,
-            ) {
-                Ok((_, bytes)) if bytes.len() == data.len() => {
-                    let start = offset as usize;
-                    link.config[start..start + bytes.len()].copy_from_slice(&bytes);
-                }
-                Ok(_) => warn!("vhost-user GET_CONFIG at {offset:#x}: short reply"),
-                Err(e) => {
-                    warn!("vhost-user GET_CONFIG at {offset:#x}: {e}; the last value read is used");
-                    break_link(frontend);
+        if let Some(range) = link.config_range(offset, data.len()) {
+            if let Some(frontend) = link.frontend.as_mut() {
+                let buf = vec![0u8; data.len()];
+                match frontend.get_config(
+                    range.start as u32,
+                    data.len() as u32,
+                    VhostUserConfigFlags::WRITABLE,
+                    &buf,
+                ) {
+                    Ok((_, bytes)) if bytes.len() == data.len() => {
+                        link.config[range].copy_from_slice(&bytes);
+                    }
+                    Ok(_) => warn!("vhost-user GET_CONFIG at {offset:#x}: short reply"),
+                    Err(e) => {
+                        warn!(
+                            "vhost-user GET_CONFIG at {offset:#x}: {e}; the last value read is used"
+                        );
+                        break_link(frontend);
+                    }
                 }
             }
         }
@@ -788,24 +799,21 @@ impl VirtioDevice for VhostUserDevice {
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         let mut link = self.shared.lock();
-        let inside = usize::try_from(offset)
-            .ok()
-            .and_then(|start| start.checked_add(data.len()))
-            .is_some_and(|end| end <= link.config.len());
-        let has_config = link.protocol.contains(VhostUserProtocolFeatures::CONFIG);
-        let (true, true, Some(frontend)) = (inside, has_config, link.frontend.as_mut()) else {
+        let range = link.config_range(offset, data.len());
+        let (Some(range), Some(frontend)) = (range, link.frontend.as_mut()) else {
             warn!(
                 "vhost-user config write at {offset:#x} dropped (outside the window or no backend)"
             );
             return;
         };
-        if let Err(e) = frontend.set_config(offset as u32, VhostUserConfigFlags::WRITABLE, data) {
+        if let Err(e) =
+            frontend.set_config(range.start as u32, VhostUserConfigFlags::WRITABLE, data)
+        {
             warn!("vhost-user SET_CONFIG at {offset:#x}: {e}");
             break_link(frontend);
             return;
         }
-        let start = offset as usize;
-        link.config[start..start + data.len()].copy_from_slice(data);
+        link.config[range].copy_from_slice(data);
     }
 
     fn activate(&mut self, context: ActivateContext) -> Result<()> {
