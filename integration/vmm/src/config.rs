@@ -220,10 +220,7 @@ pub fn parse_serial(text: &str) -> Result<SerialOutput> {
 /// Parses `--disk path=<file>[,readonly=on]`.
 pub fn parse_disk(text: &str) -> Result<DiskConfig> {
     let options = Options::parse("disk", text, &["path", "readonly"])?;
-    let path = options
-        .get("path")
-        .filter(|p| !p.is_empty())
-        .ok_or_else(|| options.invalid("path", "is required"))?;
+    let path = options.required("path")?;
     Ok(DiskConfig {
         path: PathBuf::from(path),
         readonly: options.on_off("readonly", false)?,
@@ -236,11 +233,7 @@ pub fn parse_api_socket(text: &str) -> Result<PathBuf> {
         return Ok(PathBuf::from(text));
     }
     let options = Options::parse("api-socket", text, &["path"])?;
-    options
-        .get("path")
-        .filter(|p| !p.is_empty())
-        .map(PathBuf::from)
-        .ok_or_else(|| options.invalid("path", "is required"))
+    options.required("path").map(PathBuf::from)
 }
 
 /// Parses `--generic-vhost-user device_type=<n|name>,socket=<path>,queue_sizes=[<n>,...]`
@@ -258,10 +251,7 @@ pub fn parse_generic_vhost_user(text: &str) -> Result<VhostUserConfig> {
             "control_socket",
         ],
     )?;
-    let socket = options
-        .get("socket")
-        .filter(|p| !p.is_empty())
-        .ok_or_else(|| options.invalid("socket", "is required"))?;
+    let socket = options.required("socket")?;
     let device_type = match options.get("device_type") {
         None => return Err(options.invalid("device_type", "is required")),
         Some(name) => match name {

@@ -69,6 +69,13 @@ impl<'a> Options<'a> {
         self.pairs.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
     }
 
+    /// The non-empty value of `key`, or the "is required" error.
+    pub fn required(&self, key: &str) -> Result<&'a str> {
+        self.get(key)
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| self.invalid(key, "is required"))
+    }
+
     /// Whether the bare word or key `key` was given.
     pub fn has(&self, key: &str) -> bool {
         self.get(key).is_some()

@@ -294,10 +294,7 @@ impl RestoreConfig {
                 "page_server",
             ],
         )?;
-        let source_url = options
-            .get("source_url")
-            .filter(|s| !s.is_empty())
-            .ok_or_else(|| options.invalid("source_url", "is required"))?;
+        let source_url = options.required("source_url")?;
         let memory_restore_mode = match options.get("memory_restore_mode") {
             None => RestoreMode::Eager,
             Some(mode) => parse_restore_mode(mode).ok_or_else(|| {
