@@ -94,8 +94,10 @@ impl Vmm {
         };
         dir.create()?;
         let memory_started = Instant::now();
-        let invalid_words = crate::invalid_pages::fetch(&self.config.vhost_user);
-        let invalid = invalid_words.as_deref().map(GfnBitmap::new);
+        let invalid_map = crate::invalid_pages::fetch(&self.config.vhost_user);
+        let invalid = invalid_map
+            .as_ref()
+            .map(|map| GfnBitmap::new(map.gfn_words()));
         let mut writer = SnapshotWriter::new(WriteOptions::default());
         if let Some(invalid) = invalid.as_ref() {
             writer = writer.invalid_pages(invalid);

@@ -13,11 +13,12 @@ use std::path::Path;
 use serde::Deserialize;
 
 use ext_vmm_api::ApiClient;
+use vhost_user_mem::invalid_pages::InvalidPages;
 
 use crate::virtio::vhost_user::VhostUserConfig;
 
 #[derive(Deserialize)]
-struct InvalidPages {
+struct InvalidPageRanges {
     page_size: u64,
     ranges: Vec<GfnRange>,
 }
@@ -32,21 +33,18 @@ struct GfnRange {
 /// make the VMM allocate without bound.
 const MAX_GFN: u64 = 1 << 28;
 
-/// The union of the invalid-page maps of every device with a control socket, as gfn bitmap
-/// words (bit `gfn % 64` of word `gfn / 64`); `None` when no device has one or none answered.
-pub fn fetch(devices: &[VhostUserConfig]) -> Option<Vec<u64>> {
-    let mut words: Option<Vec<u64>> = None;
+/// The union of the invalid-page maps of every device with a control socket (its
+/// `gfn_words()` are what ext-snapshot's `GfnBitmap` takes); `None` when no device has one or
+/// none answered.
+pub fn fetch(devices: &[VhostUserConfig]) -> Option<InvalidPages> {
+    let mut union: Option<InvalidPages> = None;
     for socket in devices.iter().filter_map(|d| d.control_socket.as_deref()) {
         match fetch_one(socket) {
             Ok(map) => {
-                let words = words.get_or_insert_with(Vec::new);
+                let union = union.get_or_insert_with(InvalidPages::new);
                 for range in map.ranges {
                     for gfn in range.gfn..range.gfn.saturating_add(range.count) {
-                        let word = (gfn / 64) as usize;
-                        if words.len() <= word {
-                            words.resize(word + 1, 0);
-                        }
-                        words[word] |= 1 << (gfn % 64);
+                        union.insert(gfn);
                     }
                 }
             }
@@ -56,10 +54,10 @@ pub fn fetch(devices: &[VhostUserConfig]) -> Option<Vec<u64>> {
             ),
         }
     }
-    words
+    union
 }
 
-fn fetch_one(socket: &Path) -> Result<InvalidPages, String> {
+fn fetch_one(socket: &Path) -> Result<InvalidPageRanges, String> {
     let mut client = ApiClient::connect(socket).map_err(|e| e.to_string())?;
     let response = client
         .request("GET", "invalid-pages", None)
@@ -71,7 +69,7 @@ fn fetch_one(socket: &Path) -> Result<InvalidPages, String> {
             response.body_text()
         ));
     }
-    let map: InvalidPages =
+    let map: InvalidPageRanges =
         serde_json::from_slice(&response.body).map_err(|e| format!("bad answer: {e}"))?;
     if map.page_size != 4096 {
         return Err(format!("page size {} (4096 expected)", map.page_size));
