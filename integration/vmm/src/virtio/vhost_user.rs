@@ -42,10 +42,8 @@ use vhost::vhost_user::{
 };
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_ring::{
-    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_DESC_F_NEXT,
-};
-use virtio_queue::{Queue, QueueState, QueueT};
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -504,36 +502,17 @@ fn populate_queue(memory: &GuestRam, q: &QueueState) {
     touch(q.desc_table, 16 * size);
     touch(q.avail_ring, 6 + 2 * size);
     touch(q.used_ring, 6 + 8 * size);
-    let Ok(avail) = memory.read_obj::<u16>(GuestAddress(q.avail_ring + 2)) else {
+    // virtio-queue walks the pending chains (direct and indirect) on a copy of the queue.
+    let Ok(mut pending) = Queue::try_from(*q) else {
         return;
     };
-    let avail = u16::from_le(avail);
-    let mut index = q.next_avail;
-    let mut chains = 0;
-    while index != avail && chains < size {
-        let slot = u64::from(index) % size.max(1);
-        let Ok(head) = memory.read_obj::<u16>(GuestAddress(q.avail_ring + 4 + 2 * slot)) else {
-            return;
-        };
-        let mut desc = u64::from(u16::from_le(head));
-        for _ in 0..size {
-            let base = q.desc_table + 16 * (desc % size.max(1));
-            let (Ok(addr), Ok(len), Ok(flags), Ok(next)) = (
-                memory.read_obj::<u64>(GuestAddress(base)),
-                memory.read_obj::<u32>(GuestAddress(base + 8)),
-                memory.read_obj::<u16>(GuestAddress(base + 12)),
-                memory.read_obj::<u16>(GuestAddress(base + 14)),
-            ) else {
-                break;
-            };
-            touch(u64::from_le(addr), u64::from(u32::from_le(len)));
-            if u32::from(u16::from_le(flags)) & VRING_DESC_F_NEXT == 0 {
-                break;
-            }
-            desc = u64::from(u16::from_le(next));
+    let Ok(chains) = pending.iter(memory) else {
+        return;
+    };
+    for chain in chains {
+        for descriptor in chain {
+            touch(descriptor.addr().0, u64::from(descriptor.len()));
         }
-        index = index.wrapping_add(1);
-        chains += 1;
     }
 }
 
