@@ -81,21 +81,6 @@ wait_actual() {
     done
 }
 
-remote() {
-    _sock=$1
-    shift
-    timeout -s KILL 600 ext-remote --api-socket "$_sock" "$@" >/tmp/remote.out 2>&1
-    _status=$?
-    sed 's/^/ext-remote '"$1"'| /' /tmp/remote.out
-    return $_status
-}
-
-# The value of counter $2 in group $1 of the last `remote counters` output.
-counter() {
-    tr -d ' \n' </tmp/remote.out | sed -n 's/.*"'"$1"'":{\([^}]*\)}.*/\1/p' \
-        | tr ',' '\n' | sed -n 's/^"'"$2"'":\([0-9][0-9]*\)$/\1/p' | head -n 1
-}
-
 # Starts a VMM in the background with the console FIFO as stdin: $1 log, then the command.
 launch() {
     _log=$1

@@ -119,3 +119,21 @@ wait_exit() {
 count_lines() {
     grep -Ec -- "$2" "$1" 2>/dev/null || true
 }
+
+# Runs one ext-remote command (at most 600 s): $1 socket, then the command; output to
+# /tmp/remote.out and, prefixed, to the console. Scenarios may define their own.
+remote() {
+    _sock=$1
+    shift
+    timeout -s KILL 600 ext-remote --api-socket "$_sock" "$@" >/tmp/remote.out 2>&1
+    _status=$?
+    sed 's/^/ext-remote '"$1"'| /' /tmp/remote.out
+    return $_status
+}
+
+# The value of counter $2 in group $1 of the last `remote counters` output (the first if the
+# name occurs twice). Scenarios may define their own.
+counter() {
+    tr -d ' \n' </tmp/remote.out | sed -n 's/.*"'"$1"'":{\([^}]*\)}.*/\1/p' \
+        | tr ',' '\n' | sed -n 's/^"'"$2"'":\([0-9][0-9]*\)$/\1/p' | head -n 1
+}

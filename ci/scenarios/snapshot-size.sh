@@ -28,16 +28,7 @@ done
 guest_kib=1048576
 cmdline="console=ttyS0 loglevel=4 panic=-1 init_on_free=1 ext.test=work ext.work_mib=192 ext.work_auto=1"
 
-# Runs one ext-remote command: $1 socket, then the command; output to /tmp/remote.out and,
-# prefixed, to the console.
-remote() {
-    _sock=$1
-    shift
-    timeout -s KILL 600 ext-remote --api-socket "$_sock" "$@" >/tmp/remote.out 2>&1
-    _status=$?
-    sed 's/^/ext-remote '"$1"'| /' /tmp/remote.out
-    return $_status
-}
+# `remote` (one ext-remote command, output in /tmp/remote.out) comes from lib.sh.
 
 # Runs one ch-remote command: $1 socket, then the command; output to /tmp/ch-remote.out and,
 # prefixed, to the console.
