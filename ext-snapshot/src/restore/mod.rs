@@ -5,6 +5,7 @@
 //! the whole snapshot file (structure and every data checksum) before it touches guest memory.
 
 mod eager;
+#[cfg(feature = "lazy")]
 pub mod lazy;
 pub mod mapped;
 pub(crate) mod segment;

@@ -3,6 +3,7 @@
 //! ([`counting_guest`]), and the environment checks and waits of the host tests ([`common`]).
 //! Test tooling only: nothing here is part of the VMM.
 
+pub mod cloud_hypervisor;
 pub mod common;
 pub mod counting_guest;
 pub mod test_kernel;
