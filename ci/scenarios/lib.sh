@@ -137,3 +137,29 @@ counter() {
     tr -d ' \n' </tmp/remote.out | sed -n 's/.*"'"$1"'":{\([^}]*\)}.*/\1/p' \
         | tr ',' '\n' | sed -n 's/^"'"$2"'":\([0-9][0-9]*\)$/\1/p' | head -n 1
 }
+
+# The highest tick number of ext-work ("EXT-WORK <n> <checksum> ok") in a log.
+last_tick() {
+    sed -n 's/.*EXT-WORK \([0-9][0-9]*\) [0-9a-f]* ok.*/\1/p' "$1" | tail -n 1
+}
+
+# The full "EXT-WORK <n> <checksum> ok" line of tick $2 in log $1.
+tick_line() {
+    grep -Eo "EXT-WORK $2 [0-9a-f]+ ok" "$1" | head -n 1
+}
+
+# Runs one command of Cloud Hypervisor's ch-remote (/opt/ext/bin, at most 600 s): $1 socket,
+# then the command; output to /tmp/ch-remote.out and, prefixed, to the console.
+ch_remote() {
+    _sock=$1
+    shift
+    timeout -s KILL 600 /opt/ext/bin/ch-remote --api-socket "$_sock" "$@" >/tmp/ch-remote.out 2>&1
+    _status=$?
+    sed 's/^/ch-remote '"$1"'| /' /tmp/ch-remote.out
+    return $_status
+}
+
+# KiB of guest memory process $1 holds: RssAnon + RssShmem (private and memfd pages alike).
+resident_kib() {
+    awk '/^Rss(Anon|Shmem):/ { kib += $2 } END { print kib + 0 }' "/proc/$1/status" 2>/dev/null
+}

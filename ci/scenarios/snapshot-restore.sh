@@ -43,16 +43,6 @@ remote() {
     return $_status
 }
 
-# The highest tick number in a log.
-last_tick() {
-    sed -n 's/.*EXT-WORK \([0-9][0-9]*\) [0-9a-f]* ok.*/\1/p' "$1" | tail -n 1
-}
-
-# The full "EXT-WORK <n> <checksum> ok" line of tick $2 in log $1.
-tick_line() {
-    grep -Eo "EXT-WORK $2 [0-9a-f]+ ok" "$1" | head -n 1
-}
-
 # Pauses the VM behind socket $1 and snapshots it into directory $2; prints the timing.
 pause_and_snapshot() {
     remote "$1" pause || fail "pause failed: $(cat /tmp/remote.out)"

@@ -153,6 +153,15 @@ fn a_snapshot_is_an_ext_snapshot_and_a_copy_restore_continues() {
 
     let vm = restore(&bin, dir.path(), "copy", &snap, "copy");
     resume_and_check(&vm, &before);
+    // The extension endpoint reports the restore, by page type.
+    let answer = vm.get("/api/v1/ext/vm.snapshot-figures");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let body: serde_json::Value =
+        serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(body["restore"]["mode"], "copy");
+    assert_eq!(body["restore"]["figures"]["data_pages"], figures.data_pages);
+    assert_eq!(body["restore"]["pages_copied"], figures.data_pages);
+    assert!(body["snapshot"].is_null());
     // A copy restore writes only data pages: the restored VMM holds far less than the
     // guest's memory (no speed asserted, only what is resident).
     let resident = vm.resident_guest_kib();
@@ -163,6 +172,8 @@ fn a_snapshot_is_an_ext_snapshot_and_a_copy_restore_continues() {
     let again = dir.path().join("again");
     std::fs::create_dir_all(&again).unwrap();
     vm.remote_ok(&["snapshot", &format!("file://{}", again.display())]);
+    let answer = vm.get("/api/v1/ext/vm.snapshot-figures");
+    assert!(answer.contains("\"mode\":\"snapshot\""), "{answer}");
     let mut upto = before.clone();
     upto.extend(vm.serial());
     drop(vm);

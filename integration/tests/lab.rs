@@ -127,3 +127,17 @@ fn lab_balloon() {
     // beside stock Cloud Hypervisor; three 512 MiB shared guests, one at a time, and snapshots.
     run_scenario_with("balloon", &["--memory", "3072", "--timeout", "1500"]);
 }
+
+#[test]
+fn lab_ch_snapshot() {
+    // The patched Cloud Hypervisor: snapshot-restore's guest and workload, copy and ondemand
+    // restores, a second-generation snapshot, balloon pages typed Invalid.
+    run_scenario_with("ch-snapshot", &["--timeout", "1500"]);
+}
+
+#[test]
+fn lab_ch_vs_stock() {
+    // Stock and patched Cloud Hypervisor side by side, shared=off and on: four 512 MiB guests
+    // one at a time, stock's dense 512 MiB memory-ranges in L1's tmpfs.
+    run_scenario_with("ch-vs-stock", &["--memory", "3072", "--timeout", "1800"]);
+}

@@ -114,6 +114,46 @@ impl ChProcess {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// `GET <path>` on the API socket with a hand-written request (for endpoints ch-remote has
+    /// no command for); the whole HTTP answer.
+    pub fn get(&self, path: &str) -> String {
+        use std::io::{Read, Write};
+        let mut stream = std::os::unix::net::UnixStream::connect(&self.api_socket)
+            .unwrap_or_else(|e| panic!("connect {}: {e}", self.api_socket.display()));
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n\r\n"
+        )
+        .unwrap_or_else(|e| panic!("send GET {path}: {e}"));
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap_or_else(|e| panic!("socket timeout: {e}"));
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        // micro_http keeps the connection open: read until the body's Content-Length is in.
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+            let text = String::from_utf8_lossy(&answer);
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let length = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                    })
+                    .unwrap_or(0);
+                if body.len() >= length {
+                    break;
+                }
+            }
+        }
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
     /// Everything the guest wrote on its serial port so far.
     pub fn serial(&self) -> Vec<u8> {
         std::fs::read(&self.serial).unwrap_or_default()

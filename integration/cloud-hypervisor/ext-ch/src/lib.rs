@@ -12,9 +12,16 @@
 //!   hands Cloud Hypervisor's userfaultfd handler a [`PageSource`] that serves data pages
 //!   from the file and tells the background prefault which pages hold no data.
 //!
+//! - [`figures`]: the last snapshot and restore of this process, by page type, for the
+//!   patched binary's `GET /api/v1/ext/vm.snapshot-figures`;
+//! - [`balloon`]: the pages Cloud Hypervisor's in-process balloon holds, typed `Invalid` by
+//!   the next snapshot.
+//!
 //! The crate takes guest memory through the `vm-memory` traits (Cloud Hypervisor's
 //! `GuestMemoryMmap<AtomicBitmap>` fits) and knows nothing of Cloud Hypervisor's own types.
 
+pub mod balloon;
+pub mod figures;
 mod restore;
 mod snapshot;
 

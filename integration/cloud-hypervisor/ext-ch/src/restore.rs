@@ -69,14 +69,32 @@ impl MemorySnapshot {
         B: Bitmap + Sync,
     {
         self.check_memory(mem)?;
-        restore_eager(&self.file, mem, EagerOptions::default()).map_err(|source| Error::Snapshot {
+        let report = restore_eager(&self.file, mem, EagerOptions::default()).map_err(|source| {
+            Error::Snapshot {
+                path: self.file.path().display().to_string(),
+                source,
+            }
+        })?;
+        self.record("copy", report.restore_seconds, Some(report.data_pages))?;
+        Ok(report)
+    }
+
+    /// Records this restore for [`crate::figures`].
+    fn record(&self, mode: &'static str, seconds: f64, pages_copied: Option<u64>) -> Result<()> {
+        let mut figures = self.figures()?;
+        figures.seconds = seconds;
+        crate::figures::record_restore(crate::figures::Record {
             path: self.file.path().display().to_string(),
-            source,
-        })
+            mode,
+            figures,
+            pages_copied,
+        });
+        Ok(())
     }
 
     /// A source of page contents for an on-demand restore, over its own handle of the file.
     pub fn page_source(&self) -> Result<PageSource> {
+        self.record("ondemand", 0.0, None)?;
         let path = self.file.path().display().to_string();
         let file = self.file.file().try_clone().map_err(|source| Error::Read {
             path: path.clone(),

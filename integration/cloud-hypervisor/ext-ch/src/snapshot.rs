@@ -77,9 +77,16 @@ where
             path: path.display().to_string(),
             source,
         })?;
-    Ok(SnapshotFigures::from_counts(
+    let figures = SnapshotFigures::from_counts(
         report.pages_by_type,
         report.output_bytes,
         start.elapsed().as_secs_f64(),
-    ))
+    );
+    crate::figures::record_snapshot(crate::figures::Record {
+        path: path.display().to_string(),
+        mode: "snapshot",
+        figures,
+        pages_copied: None,
+    });
+    Ok(figures)
 }
