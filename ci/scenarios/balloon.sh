@@ -20,66 +20,16 @@
 # lab-needs: tool curl
 # shellcheck source=ci/scenarios/lib.sh
 . /opt/ext/scenarios/lib.sh
+# shellcheck source=ci/scenarios/balloon-lib.sh
+. /opt/ext/scenarios/balloon-lib.sh
 
 command -v ext-remote >/dev/null || fail "ext-remote is not in the lab image (did it build?)"
 command -v vhost-user-mem >/dev/null || fail "vhost-user-mem is not in the lab image (did it build?)"
 CH=/opt/ext/bin/cloud-hypervisor
-MIB=1048576
-VU_SOCK=/tmp/vum.sock
-VU_API=/tmp/vum-api.sock
 input=/tmp/balloon-input
 rm -f "$input"
 mkfifo "$input" || fail "mkfifo failed"
 exec 3<>"$input"
-
-# Starts the daemon in the background; sets VU_PID.
-start_daemon() {
-    rm -f "$VU_API"
-    start_background "$1" 1800 vhost-user-mem --socket "$VU_SOCK" --api-socket "$VU_API"
-    VU_PID=$BG_PID
-    _tries=0
-    until [ -S "$VU_API" ]; do
-        _tries=$((_tries + 1)); [ "$_tries" -lt 300 ] || fail "vhost-user-mem never opened $VU_API"; sleep 0.1
-    done
-}
-
-# The daemon's control API: $1 method, $2 endpoint, $3 optional JSON body. Output in /tmp/vu.out.
-vu() {
-    if [ -n "${3:-}" ]; then
-        curl -sS --max-time 120 --unix-socket "$VU_API" -X "$1" -H 'Content-Type: application/json' \
-            -d "$3" -o /tmp/vu.out -w '%{http_code}' "http://localhost/api/v1/$2" >/tmp/vu.code
-    else
-        curl -sS --max-time 120 --unix-socket "$VU_API" -X "$1" -o /tmp/vu.out -w '%{http_code}' \
-            "http://localhost/api/v1/$2" >/tmp/vu.code
-    fi
-    _code=$(cat /tmp/vu.code)
-    echo "vhost-user-mem $1 $2 -> $_code $(head -c 600 /tmp/vu.out)"
-    case "$_code" in 2*) return 0 ;; *) return 1 ;; esac
-}
-
-# A number field of the last JSON answer (first occurrence of "$1": <digits>).
-field() {
-    tr -d ' \n' </tmp/vu.out | sed -n 's/.*"'"$1"'":\([0-9][0-9]*\).*/\1/p' | head -n 1
-}
-
-# The daemon's view of the memfd: sets ALLOC (allocated bytes) and ACTUAL (balloon pages).
-status() {
-    vu GET status || fail "status failed"
-    ALLOC=$(field allocated_bytes)
-    ACTUAL=$(field actual_pages)
-    [ -n "$ALLOC" ] || fail "status has no allocated_bytes"
-}
-
-# Waits until the balloon's actual size is $1 pages (the guest inflated or deflated), up to $2 s.
-wait_actual() {
-    _deadline=$(awk -v a="$(now)" -v t="$2" 'BEGIN { printf "%.2f", a + t }')
-    while :; do
-        status
-        [ "$ACTUAL" = "$1" ] && return 0
-        awk -v a="$(now)" -v d="$_deadline" 'BEGIN { exit !(a >= d) }' && return 1
-        sleep 1
-    done
-}
 
 # Starts a VMM in the background with the console FIFO as stdin: $1 log, then the command.
 launch() {
@@ -103,11 +53,6 @@ guest_cmd() {
         awk -v a="$(now)" -v d="$_deadline" 'BEGIN { exit !(a >= d) }' && return 1
         sleep 0.2
     done
-}
-
-# The guest's balloon feature bits (a 64-character 0/1 string, bit 0 first) from log $1.
-guest_bit() {
-    sed -n 's/.*EXT-BALLOON-FEATURES \([01]*\).*/\1/p' "$1" | tail -n 1 | cut -c "$(($2 + 1))"
 }
 
 balloon_dev="device_type=balloon,socket=$VU_SOCK,queue_sizes=[256,256,256,256]"

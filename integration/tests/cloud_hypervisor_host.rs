@@ -276,3 +276,79 @@ fn a_stock_binary_refuses_a_patched_snapshot_and_says_why() {
         vm.log()
     );
 }
+
+#[test]
+fn a_snapshot_asks_the_vhost_user_balloon_backend_for_its_invalid_pages() {
+    let Some((bin, dir)) = setup("ch_vhost_user_control_socket") else {
+        return;
+    };
+    let Some(daemon_bin) = ext_vmm_tests::daemon::daemon_binary() else {
+        skip(
+            "ch_vhost_user_control_socket",
+            "the vhost-user-mem binary (cargo build -p vhost-user-mem)",
+        );
+        return;
+    };
+    let socket = dir.path().join("vu.sock");
+    let api = dir.path().join("vu-api.sock");
+    let _daemon = ext_vmm_tests::daemon::Daemon::start(&daemon_bin, &socket, &api);
+    let kernel = kernel(dir.path());
+    // The tiny guest has no balloon driver: the device is never activated, but the backend's
+    // control API answers (an empty map), from the VMM thread under seccomp.
+    for (name, control) in [
+        ("answers", api.clone()),
+        ("absent", dir.path().join("none.sock")),
+    ] {
+        let mut args = boot_args(&kernel);
+        args[3] = format!("size={GUEST_MIB}M,shared=on");
+        args.extend([
+            "--generic-vhost-user".to_string(),
+            format!(
+                "device_type=balloon,socket={},queue_sizes=[256,256,256],control_socket={}",
+                socket.display(),
+                control.display()
+            ),
+        ]);
+        let vm = ChProcess::start(&bin, dir.path(), name, &strs(&args));
+        wait_serial(&vm, 10);
+        vm.remote_ok(&["pause"]);
+        let snap = dir.path().join(format!("snap-{name}"));
+        std::fs::create_dir_all(&snap).unwrap();
+        vm.remote_ok(&["snapshot", &format!("file://{}", snap.display())]);
+        assert!(snap.join(ext_ch::MEMORY_FILE).is_file());
+        let warned = vm.log().contains("invalid pages from");
+        assert_eq!(warned, name == "absent", "{name}: log:\n{}", vm.log());
+    }
+}
+
+#[test]
+fn shared_memory_snapshots_and_restores_in_both_modes() {
+    let Some((bin, dir)) = setup("ch_shared_memory") else {
+        return;
+    };
+    let mut args = boot_args(&kernel(dir.path()));
+    args[3] = format!("size={GUEST_MIB}M,shared=on");
+    let vm = ChProcess::start(&bin, dir.path(), "shared", &strs(&args));
+    wait_serial(&vm, 10);
+    vm.remote_ok(&["pause"]);
+    let snap = dir.path().join("snap");
+    std::fs::create_dir_all(&snap).unwrap();
+    vm.remote_ok(&["snapshot", &format!("file://{}", snap.display())]);
+    let before = vm.serial();
+    drop(vm);
+    let figures = ext_ch::MemorySnapshot::open(&snap)
+        .unwrap()
+        .figures()
+        .unwrap();
+    // The memfd's holes are never-populated pages: only what the guest wrote is data.
+    assert!(figures.data_bytes < GUEST_MIB << 20 >> 3, "{figures:?}");
+    for mode in ["copy", "ondemand"] {
+        let vm = restore(&bin, dir.path(), &format!("shared-{mode}"), &snap, mode);
+        resume_and_check(&vm, &before);
+        let resident = vm.resident_guest_kib();
+        assert!(
+            resident < (GUEST_MIB << 10) / 2,
+            "{mode}: {resident} KiB resident"
+        );
+    }
+}

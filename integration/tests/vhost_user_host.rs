@@ -7,8 +7,7 @@
 //! reconnects and the queue goes on from the used index in guest memory).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +16,7 @@ use ext_vmm::virtio::vhost_user::{VhostUserConfig, VhostUserDevice};
 use ext_vmm::virtio::{ActivateContext, VirtioDevice, VirtioInterrupt};
 use ext_vmm_api::ApiClient;
 use ext_vmm_tests::common::{skip, wait_for};
+use ext_vmm_tests::daemon::{daemon_binary, Daemon};
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
@@ -29,49 +29,6 @@ const DEFLATE_ON_OOM: u64 = 1 << 2;
 const REPORTING: u64 = 1 << 5;
 const VERSION_1: u64 = 1 << 32;
 const LIMIT: Duration = Duration::from_secs(20);
-
-/// The daemon binary Cargo built next to this test's directory (`target/<profile>/`).
-fn daemon_binary() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let profile_dir = exe.parent()?.parent()?;
-    let binary = profile_dir.join("vhost-user-mem");
-    binary.is_file().then_some(binary)
-}
-
-/// A daemon process, killed when dropped.
-struct Daemon {
-    child: Child,
-}
-
-impl Daemon {
-    fn start(binary: &Path, socket: &Path, api: &Path) -> Daemon {
-        let _ = std::fs::remove_file(api);
-        let child = Command::new(binary)
-            .arg("--socket")
-            .arg(socket)
-            .arg("--api-socket")
-            .arg(api)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
-        assert!(
-            wait_for(LIMIT, || api.exists() && socket.exists()),
-            "the daemon did not open its sockets"
-        );
-        Daemon { child }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 fn counter(device: &VhostUserDevice, name: &str) -> u64 {
     device

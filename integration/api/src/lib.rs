@@ -19,6 +19,7 @@
 //! connection's wire format), `server` (socket, threads, limits), `client`.
 
 pub mod action;
+pub mod backend;
 pub mod client;
 pub mod error;
 mod http;

@@ -6,4 +6,5 @@
 pub mod cloud_hypervisor;
 pub mod common;
 pub mod counting_guest;
+pub mod daemon;
 pub mod test_kernel;

@@ -13,93 +13,48 @@
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use ext_snapshot::PageSet;
+use crate::FrameSet;
 
-/// One bit per guest frame number, grown on demand.
-static HELD: Mutex<Vec<u64>> = Mutex::new(Vec::new());
+static HELD: Mutex<FrameSet> = Mutex::new(FrameSet::new());
 
-fn held_words() -> MutexGuard<'static, Vec<u64>> {
-    // A panic while holding the lock leaves a consistent bitmap: every update is one bit.
+fn held_set() -> MutexGuard<'static, FrameSet> {
+    // A panic while holding the lock leaves a consistent set: every update is one bit.
     HELD.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The guest inflated the page at frame `gfn` into the balloon.
 pub fn inflate(gfn: u64) {
-    let word = (gfn / 64) as usize;
-    let mut words = held_words();
-    if words.len() <= word {
-        words.resize(word + 1, 0);
-    }
-    words[word] |= 1 << (gfn % 64);
+    held_set().insert(gfn);
 }
 
 /// The guest took the page at frame `gfn` back from the balloon.
 pub fn deflate(gfn: u64) {
-    if let Some(word) = held_words().get_mut((gfn / 64) as usize) {
-        *word &= !(1 << (gfn % 64));
-    }
+    held_set().remove(gfn);
 }
 
-/// The pages held now, as a set the snapshot writer types `Invalid`.
-pub fn held() -> HeldPages {
-    HeldPages {
-        words: held_words().clone(),
-    }
+/// The pages held now (a copy).
+pub fn held() -> FrameSet {
+    held_set().clone()
 }
 
 /// The pages held now as `(first frame, frames)` ranges, for the balloon's snapshot state.
 pub fn ranges() -> Vec<(u64, u64)> {
-    let words = held_words();
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for (w, &bits) in words.iter().enumerate() {
-        let mut bits = bits;
-        while bits != 0 {
-            let gfn = w as u64 * 64 + u64::from(bits.trailing_zeros());
-            bits &= bits - 1;
-            match out.last_mut() {
-                Some((first, count)) if *first + *count == gfn => *count += 1,
-                _ => out.push((gfn, 1)),
-            }
-        }
-    }
-    out
+    held_set().ranges()
 }
 
 /// Replaces the held set with `ranges` (a restored balloon's state).
 pub fn restore(ranges: &[(u64, u64)]) {
-    let mut words = held_words();
-    words.clear();
-    drop(words);
+    let mut set = FrameSet::new();
     for &(first, count) in ranges {
-        for gfn in first..first.saturating_add(count) {
-            inflate(gfn);
-        }
+        set.insert_range(first, count);
     }
-}
-
-/// A copy of the held set.
-#[derive(Debug, Clone, Default)]
-pub struct HeldPages {
-    words: Vec<u64>,
-}
-
-impl HeldPages {
-    /// Number of pages held.
-    pub fn count(&self) -> u64 {
-        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
-    }
-}
-
-impl PageSet for HeldPages {
-    fn contains(&self, _region: usize, _page: u64, gfn: u64) -> bool {
-        self.words
-            .get((gfn / 64) as usize)
-            .is_some_and(|w| w & (1 << (gfn % 64)) != 0)
-    }
+    *held_set() = set;
 }
 
 #[cfg(test)]
 mod tests {
+    use ext_snapshot::PageSet;
+
     use super::*;
 
     // One test: the set is process-wide, and tests run in parallel threads.

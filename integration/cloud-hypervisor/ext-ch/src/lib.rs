@@ -14,17 +14,21 @@
 //!
 //! - [`figures`]: the last snapshot and restore of this process, by page type, for the
 //!   patched binary's `GET /api/v1/ext/vm.snapshot-figures`;
-//! - [`balloon`]: the pages Cloud Hypervisor's in-process balloon holds, typed `Invalid` by
-//!   the next snapshot.
+//! - [`balloon`]: the pages Cloud Hypervisor's in-process balloon holds, and [`vhost_user`]:
+//!   the invalid-page maps of vhost-user backends that keep one (vhost-user-mem), both typed
+//!   `Invalid` by the next snapshot.
 //!
 //! The crate takes guest memory through the `vm-memory` traits (Cloud Hypervisor's
 //! `GuestMemoryMmap<AtomicBitmap>` fits) and knows nothing of Cloud Hypervisor's own types.
 
 pub mod balloon;
 pub mod figures;
+mod frames;
 mod restore;
 mod snapshot;
+pub mod vhost_user;
 
+pub use frames::FrameSet;
 pub use restore::{MemorySnapshot, PageSource};
 pub use snapshot::{write_memory, SnapshotFigures};
 
