@@ -60,3 +60,17 @@ guest_bit() {
     sed -n 's/.*EXT-BALLOON-FEATURES \([01]*\).*/\1/p' "$1" | tail -n 1 | cut -c "$(($2 + 1))"
 }
 
+
+# Waits up to $2 s for the memfd's allocation to fall to $1 bytes or below (free page
+# reporting at work). Sets RETURNED_S to the seconds it took, empty on timeout; ALLOC is the
+# last figure.
+wait_alloc_at_most() {
+    _t=$(now)
+    RETURNED_S=""
+    while awk -v a="$(now)" -v s="$_t" -v l="$2" 'BEGIN { exit !(a - s < l) }'; do
+        status
+        if [ "$ALLOC" -le "$1" ]; then RETURNED_S=$(since "$_t"); return 0; fi
+        sleep 0.5
+    done
+    return 1
+}

@@ -79,17 +79,11 @@ sleep 1
 status
 alloc_filled=$ALLOC
 guest_cmd /tmp/vmm-a.log drop 'EXT-DROPPED' 60 || fail "the guest did not drop its 256 MiB"
-t=$(now)
 # (A few MiB of the fill can land on guest pages the host already had: free fragments below
 # 2 MiB, which Linux never reports; returned_of_added_pct shows it.)
 added=$((alloc_filled - alloc_boot))
-want=$((alloc_filled - 256 * MIB * 9 / 10))
-returned_s=""
-while awk -v a="$(now)" -v s="$t" 'BEGIN { exit !(a - s < 10) }'; do
-    status
-    if [ "$ALLOC" -le "$want" ]; then returned_s=$(since "$t"); break; fi
-    sleep 0.5
-done
+wait_alloc_at_most $((alloc_filled - 256 * MIB * 9 / 10)) 10
+returned_s=$RETURNED_S
 returned=$((alloc_filled - ALLOC))
 metric "free_page_reporting freed_kib=262144 allocated_before_kib=$((alloc_boot / 1024)) allocated_filled_kib=$((alloc_filled / 1024)) added_kib=$((added / 1024)) allocated_after_kib=$((ALLOC / 1024)) returned_kib=$((returned / 1024)) returned_of_freed_pct=$((returned * 100 / (256 * MIB))) returned_of_added_pct=$((returned * 100 / added)) seconds=${returned_s:-timeout} (L1 clock, emulated)"
 [ -n "$returned_s" ] || fail "free page reporting returned $((returned / 1024)) KiB of the 262144 KiB freed within 10 s (90% needed; the fill added $((added / 1024)) KiB)"

@@ -24,15 +24,9 @@ command -v vhost-user-mem >/dev/null || fail "vhost-user-mem is not in the lab i
 balloon_dev="device_type=balloon,socket=$VU_SOCK,queue_sizes=[256,256,256,256],control_socket=$VU_API"
 cmdline="console=ttyS0 loglevel=4 panic=-1 ext.test=balloon ext.balloon_auto=1"
 
-# Starts the patched cloud-hypervisor in the background: $1 log, then its arguments.
+# Starts the patched cloud-hypervisor: $1 log, then its arguments (VMM_PID).
 launch() {
-    _log=$1
-    shift
-    : >"$_log"
-    "$CH" "$@" </dev/null >"$_log" 2>&1 &
-    VMM_PID=$!
-    _ext_background_pids="$_ext_background_pids $VMM_PID"
-    follow_log "$_log" "$(basename "$_log" .log)"
+    launch_ch "$CH" "$@"
 }
 
 # --- boot with the balloon: features, free page reporting --------------------------------
@@ -48,14 +42,8 @@ wait_for_line /tmp/ch-a.log 'EXT-FILLED fill' 300 "$VMM_PID" || fail "the guest 
 status
 alloc_filled=$ALLOC
 wait_for_line /tmp/ch-a.log 'EXT-DROPPED' 120 "$VMM_PID" || fail "the guest did not drop its 256 MiB"
-t=$(now)
-want=$((alloc_filled - 256 * MIB * 8 / 10))
-returned_s=""
-while awk -v a="$(now)" -v s="$t" 'BEGIN { exit !(a - s < 30) }'; do
-    status
-    if [ "$ALLOC" -le "$want" ]; then returned_s=$(since "$t"); break; fi
-    sleep 0.5
-done
+wait_alloc_at_most $((alloc_filled - 256 * MIB * 8 / 10)) 30
+returned_s=$RETURNED_S
 metric "free_page_reporting vmm=cloud-hypervisor-patched freed_kib=262144 allocated_filled_kib=$((alloc_filled / 1024)) allocated_after_kib=$((ALLOC / 1024)) returned_kib=$(((alloc_filled - ALLOC) / 1024)) seconds=${returned_s:-timeout} (L1 clock, emulated)"
 [ -n "$returned_s" ] || fail "free page reporting under patched CH returned $(((alloc_filled - ALLOC) / 1024)) KiB of the 262144 KiB freed within 30 s"
 vu GET stats || fail "stats failed"
@@ -77,10 +65,7 @@ wait_exit "$VMM_PID" 30 || fail "cloud-hypervisor survived SIGKILL"
 
 # --- restore (copy) with the same daemon; the balloon's config survived; deflate -------------
 launch /tmp/ch-b.log --api-socket /tmp/b.sock --restore "source_url=file:///tmp/snap"
-tries=0
-until [ -S /tmp/b.sock ]; do
-    tries=$((tries + 1)); [ "$tries" -lt 300 ] || fail "the restored VMM opened no API socket"; sleep 0.1
-done
+wait_api_socket /tmp/b.sock
 ch_remote /tmp/b.sock resume || fail "resume failed: $(cat /tmp/ch-remote.out)"
 wait_for_line /tmp/ch-b.log "EXT-TICK $((tick + 2))" 180 "$VMM_PID" || fail "the restored guest did not continue after tick $tick"
 status

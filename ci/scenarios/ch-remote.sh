@@ -51,17 +51,6 @@ wait_state() {
     done
 }
 
-# Waits until the API socket $1 exists while ext-vmm ($VMM_PID) runs; $2 names the VMM.
-wait_socket() {
-    _tries=0
-    until [ -S "$1" ]; do
-        _tries=$((_tries + 1))
-        [ "$_tries" -lt 300 ] || fail "$2 did not create its API socket $1"
-        kill -0 "$VMM_PID" 2>/dev/null || fail "$2 exited before creating its API socket $1"
-        sleep 0.1
-    done
-}
-
 # The pid in the last vmm.ping answer (/tmp/ch.out or the file $1).
 ping_pid() {
     sed -n 's/.*"pid"[[:space:]]*:[[:space:]]*\([0-9][0-9]*\).*/\1/p' "${1:-/tmp/ch.out}" | head -n 1
@@ -84,7 +73,7 @@ log1=/tmp/l2-ch1.log
 sock1=/tmp/ch1.sock
 start_vmm "$log1" 600 --api-socket "path=$sock1"
 first_pid=$VMM_PID
-wait_socket "$sock1" "the first ext-vmm"
+wait_api_socket "$sock1"
 
 chr "$sock1" ping || fail "ping of an empty VMM: $(cat /tmp/ch.out)"
 [ "$(ping_pid)" = "$first_pid" ] || fail "ping reports pid $(ping_pid), we started $first_pid"
@@ -165,7 +154,7 @@ wait_exit "$first_pid" 60 || fail "the first ext-vmm did not exit after shutdown
 log2=/tmp/l2-ch2.log
 sock2=/tmp/ch2.sock
 start_vmm "$log2" 600 --api-socket "path=$sock2"
-wait_socket "$sock2" "the second ext-vmm"
+wait_api_socket "$sock2"
 chr "$sock2" ping || fail "ping of the second VMM: $(cat /tmp/ch.out)"
 [ "$(ping_pid)" = "$VMM_PID" ] || fail "ping reports pid $(ping_pid), we started $VMM_PID"
 restored=$(now)

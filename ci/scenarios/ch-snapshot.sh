@@ -24,27 +24,9 @@ snap1=/tmp/snap1
 snap2=/tmp/snap2
 cmdline="console=ttyS0 loglevel=4 panic=-1 ext.test=work ext.work_mib=32 ext.work_report=1"
 
-# Starts the patched cloud-hypervisor in the background: $1 log, then its arguments. Sets
-# VMM_PID (the cloud-hypervisor process itself, so it can be killed by PID).
+# Starts the patched cloud-hypervisor: $1 log, then its arguments (VMM_PID).
 launch() {
-    _log=$1
-    shift
-    : >"$_log"
-    "$CH" "$@" </dev/null >"$_log" 2>&1 &
-    VMM_PID=$!
-    _ext_background_pids="$_ext_background_pids $VMM_PID"
-    follow_log "$_log" "$(basename "$_log" .log)"
-}
-
-# Waits for the API socket $1 of VMM_PID.
-wait_socket() {
-    _tries=0
-    until [ -S "$1" ]; do
-        _tries=$((_tries + 1))
-        [ "$_tries" -lt 300 ] || fail "cloud-hypervisor never opened $1"
-        kill -0 "$VMM_PID" 2>/dev/null || fail "cloud-hypervisor exited before opening $1"
-        sleep 0.1
-    done
+    launch_ch "$CH" "$@"
 }
 
 # Pauses the VM behind socket $1 and snapshots it into directory $2 (created first, as
@@ -66,29 +48,14 @@ pause_and_snapshot() {
     [ "$_invalid" = 16384 ] || fail "$2: ${_invalid:-no} pages typed invalid, the balloon holds 16384"
 }
 
-# Kills VMM_PID and reaps it.
-kill_vmm() {
-    kill -KILL "$VMM_PID"
-    wait_exit "$VMM_PID" 30 || fail "cloud-hypervisor $VMM_PID survived SIGKILL"
-}
-
 # Checks that the restored guest in log $1 continues after tick $2 and that its container
-# runs; sets CHECK_LINE to its line for tick $2 + 2.
+# runs (the guest reports it every 2 s); sets CHECK_LINE to its line for tick $2 + 2.
 check_continues() {
-    _log=$1
-    _from=$2
-    wait_for_line "$_log" "EXT-WORK $((_from + 2)) [0-9a-f]+ (ok|BAD)" 180 "$VMM_PID" \
-        || fail "$_log: the workload did not continue after tick $_from"
-    ! grep -q 'EXT-WORK [0-9]* [0-9a-f]* BAD' "$_log" || fail "$_log: guest memory lost: $(grep BAD "$_log" | head -n 1)"
-    _first=$(sed -n 's/.*EXT-WORK \([0-9][0-9]*\) [0-9a-f]* ok.*/\1/p' "$_log" | head -n 1)
-    if [ -z "$_first" ] || [ "$_first" -le "$_from" ] || [ "$_first" -gt $((_from + 2)) ]; then
-        fail "$_log: first tick after restore is ${_first:-none}, the snapshot was taken after tick $_from"
-    fi
-    CHECK_LINE=$(tick_line "$_log" $((_from + 2)))
-    wait_for_line "$_log" 'EXT-CONTAINERS running=1' 60 "$VMM_PID" \
-        || fail "$_log: the container is not listed as running after restore"
-    ! grep -q 'EXT-CONTAINERS running=0' "$_log" || fail "$_log: the container stopped"
-    echo "ch-snapshot: $_log continued from tick $_from: $CHECK_LINE"
+    check_ticks_continue "$1" "$2"
+    wait_for_line "$1" 'EXT-CONTAINERS running=1' 60 "$VMM_PID" \
+        || fail "$1: the container is not listed as running after restore"
+    ! grep -q 'EXT-CONTAINERS running=0' "$1" || fail "$1: the container stopped"
+    echo "ch-snapshot: $1 continued from tick $2: $CHECK_LINE"
 }
 
 # --- A: boot, run, snapshot, kill ----------------------------------------------------------
@@ -105,12 +72,12 @@ until tr -d ' \n' </tmp/ch-remote.out | grep -q '"memory_actual_size":335544320'
 done
 pause_and_snapshot /tmp/a.sock "$snap1"
 tick1=$(last_tick /tmp/ch-a.log)
-kill_vmm
+kill_vmm_pid
 echo "ch-snapshot: A stopped after tick $tick1"
 
 # --- copy, through vm.restore on a VMM without a VM -----------------------------------------
 launch /tmp/ch-copy.log --api-socket /tmp/copy.sock
-wait_socket /tmp/copy.sock
+wait_api_socket /tmp/copy.sock
 t=$(now)
 ch_remote /tmp/copy.sock restore "source_url=file://$snap1,memory_restore_mode=copy" \
     || fail "vm.restore (copy) failed: $(cat /tmp/ch-remote.out)"
@@ -121,12 +88,12 @@ ch_remote /tmp/copy.sock resume || fail "resume after restore failed: $(cat /tmp
 check_continues /tmp/ch-copy.log "$tick1"
 line_copy=$CHECK_LINE
 metric "resident_kib=$(resident_kib "$VMM_PID") mode=copy guest_kib=393216"
-kill_vmm
+kill_vmm_pid
 
 # --- ondemand, through --restore; resident memory; snapshot again ---------------------------
 launch /tmp/ch-ondemand.log --api-socket /tmp/ondemand.sock \
     --restore "source_url=file://$snap1,memory_restore_mode=ondemand"
-wait_socket /tmp/ondemand.sock
+wait_api_socket /tmp/ondemand.sock
 ch_remote /tmp/ondemand.sock resume || fail "resume after the ondemand restore failed: $(cat /tmp/ch-remote.out)"
 check_continues /tmp/ch-ondemand.log "$tick1"
 [ "$CHECK_LINE" = "$line_copy" ] || fail "ondemand printed '$CHECK_LINE', copy printed '$line_copy'"
@@ -135,14 +102,14 @@ metric "resident_kib=$(resident_kib "$VMM_PID") mode=ondemand after_10s=1 guest_
 wait_for_line /tmp/ch-ondemand.log "EXT-WORK $((tick1 + 4)) " 60 "$VMM_PID" || fail "ondemand stalled"
 pause_and_snapshot /tmp/ondemand.sock "$snap2"
 tick2=$(last_tick /tmp/ch-ondemand.log)
-kill_vmm
+kill_vmm_pid
 
 # --- the second-generation snapshot ---------------------------------------------------------
 launch /tmp/ch-gen2.log --api-socket /tmp/gen2.sock --restore "source_url=file://$snap2"
-wait_socket /tmp/gen2.sock
+wait_api_socket /tmp/gen2.sock
 ch_remote /tmp/gen2.sock resume || fail "resume of the second snapshot failed: $(cat /tmp/ch-remote.out)"
 check_continues /tmp/ch-gen2.log "$tick2"
-kill_vmm
+kill_vmm_pid
 ! grep -q 'EXT-L2-FAIL' /tmp/ch-a.log /tmp/ch-copy.log /tmp/ch-ondemand.log /tmp/ch-gen2.log \
     || fail "a guest reported a failure"
 pass

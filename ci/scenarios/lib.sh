@@ -163,3 +163,48 @@ ch_remote() {
 resident_kib() {
     awk '/^Rss(Anon|Shmem):/ { kib += $2 } END { print kib + 0 }' "/proc/$1/status" 2>/dev/null
 }
+
+# Starts Cloud Hypervisor binary $1 in the background, log $2, then its arguments; stdin is
+# /dev/null (its --serial tty reads no input from a FIFO). Sets VMM_PID (the process itself,
+# so it can be killed by PID).
+launch_ch() {
+    _bin=$1
+    _log=$2
+    shift 2
+    : >"$_log"
+    "$_bin" "$@" </dev/null >"$_log" 2>&1 &
+    VMM_PID=$!
+    _ext_background_pids="$_ext_background_pids $VMM_PID"
+    follow_log "$_log" "$(basename "$_log" .log)"
+}
+
+# Waits up to 60 s for the API socket $1 of VMM_PID.
+wait_api_socket() {
+    _tries=0
+    until [ -S "$1" ]; do
+        _tries=$((_tries + 1))
+        [ "$_tries" -lt 600 ] || fail "the VMM never opened $1"
+        kill -0 "$VMM_PID" 2>/dev/null || fail "the VMM exited before opening $1"
+        sleep 0.1
+    done
+}
+
+# Kills VMM_PID and reaps it.
+kill_vmm_pid() {
+    kill -KILL "$VMM_PID" 2>/dev/null
+    wait_exit "$VMM_PID" 30 || fail "VMM $VMM_PID survived SIGKILL"
+}
+
+# Checks that the ext-work guest restored in log $1 continues after tick $2 with its memory
+# intact: tick $2 + 2 appears, no BAD sum, the first tick is $2 + 1 or $2 + 2. Sets
+# CHECK_LINE to its line for tick $2 + 2.
+check_ticks_continue() {
+    wait_for_line "$1" "EXT-WORK $(($2 + 2)) [0-9a-f]+ (ok|BAD)" 180 "$VMM_PID" \
+        || fail "$1: the workload did not continue after tick $2"
+    ! grep -q 'EXT-WORK [0-9]* [0-9a-f]* BAD' "$1" || fail "$1: guest memory lost: $(grep BAD "$1" | head -n 1)"
+    _first=$(sed -n 's/.*EXT-WORK \([0-9][0-9]*\) [0-9a-f]* ok.*/\1/p' "$1" | head -n 1)
+    if [ -z "$_first" ] || [ "$_first" -le "$2" ] || [ "$_first" -gt $(($2 + 2)) ]; then
+        fail "$1: first tick after restore is ${_first:-none}, the snapshot was taken after tick $2"
+    fi
+    CHECK_LINE=$(tick_line "$1" $(($2 + 2)))
+}

@@ -64,20 +64,11 @@ kill_vmm() {
 # Checks that the restored guest in log $1 continues after tick $2 and that its container
 # runs; sets CHECK_LINE to its line for tick $2 + 2.
 check_continues() {
-    _log=$1
-    _from=$2
-    wait_for_line "$_log" "EXT-WORK $((_from + 2)) [0-9a-f]+ (ok|BAD)" 120 "$VMM_PID" \
-        || fail "$_log: the workload did not continue after tick $_from"
-    ! grep -q 'EXT-WORK [0-9]* [0-9a-f]* BAD' "$_log" || fail "$_log: guest memory lost: $(grep BAD "$_log" | head -n 1)"
-    _first=$(sed -n 's/.*EXT-WORK \([0-9][0-9]*\) [0-9a-f]* ok.*/\1/p' "$_log" | head -n 1)
-    if [ -z "$_first" ] || [ "$_first" -le "$_from" ] || [ "$_first" -gt $((_from + 2)) ]; then
-        fail "$_log: first tick after restore is ${_first:-none}, the snapshot was taken after tick $_from"
-    fi
-    CHECK_LINE=$(tick_line "$_log" $((_from + 2)))
+    check_ticks_continue "$1" "$2"
     echo containers >&3
-    wait_for_line "$_log" 'EXT-CONTAINERS running=1' 60 "$VMM_PID" \
-        || fail "$_log: the container is not listed as running after restore"
-    echo "snapshot-restore: $_log continued from tick $_from: $CHECK_LINE"
+    wait_for_line "$1" 'EXT-CONTAINERS running=1' 60 "$VMM_PID" \
+        || fail "$1: the container is not listed as running after restore"
+    echo "snapshot-restore: $1 continued from tick $2: $CHECK_LINE"
 }
 
 # --- A: boot, run, snapshot, kill ----------------------------------------------------------

@@ -141,3 +141,10 @@ fn lab_ch_vs_stock() {
     // one at a time, stock's dense 512 MiB memory-ranges in L1's tmpfs.
     run_scenario_with("ch-vs-stock", &["--memory", "3072", "--timeout", "1800"]);
 }
+
+#[test]
+fn lab_ch_balloon() {
+    // vhost-user-mem beside the patched Cloud Hypervisor: reporting and stats negotiated,
+    // memory returned, inflated pages Invalid in its snapshot, the balloon across a restore.
+    run_scenario_with("ch-balloon", &["--memory", "3072", "--timeout", "1500"]);
+}
