@@ -43,6 +43,6 @@ pub use restore::{
     EagerOptions, RawLayout, RestoreMode, RestoreReport,
 };
 pub use writer::{
-    GfnBitmap, MemoryDirtyBitmap, PageSet, RegionBitmaps, SnapshotReport, SnapshotWriter,
+    GfnBitmap, GfnSet, MemoryDirtyBitmap, PageSet, RegionBitmaps, SnapshotReport, SnapshotWriter,
     WriteOptions,
 };

@@ -16,7 +16,7 @@ pub(crate) mod to_file;
 mod to_stream;
 
 pub use crate::page_type::is_zero_page;
-pub use page_set::{GfnBitmap, MemoryDirtyBitmap, PageSet, RegionBitmaps};
+pub use page_set::{GfnBitmap, GfnSet, MemoryDirtyBitmap, PageSet, RegionBitmaps};
 
 pub(crate) use scan::push_run;
 pub(crate) use to_file::{write_file as write_file_from, TempOutput};

@@ -22,9 +22,7 @@ pub fn fetch(devices: &[VhostUserConfig]) -> Option<InvalidPages> {
             Ok(ranges) => {
                 let union = union.get_or_insert_with(InvalidPages::new);
                 for (first, count) in ranges {
-                    for gfn in first..first.saturating_add(count) {
-                        union.insert(gfn);
-                    }
+                    union.insert_range(first, count);
                 }
             }
             Err(e) => tracing::warn!(

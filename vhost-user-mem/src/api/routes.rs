@@ -335,41 +335,18 @@ fn stats(context: &ApiContext, _body: &[u8]) -> Result<Reply, Refusal> {
 }
 
 fn invalid_pages(context: &ApiContext, _body: &[u8]) -> Result<Reply, Refusal> {
-    let words = read(&context.backend)
+    let ranges: Vec<GfnRange> = read(&context.backend)
         .balloon()
         .invalid_pages()
-        .gfn_words()
-        .to_vec();
-    let ranges = gfn_runs(&words);
+        .ranges()
+        .into_iter()
+        .map(|(gfn, count)| GfnRange { gfn, count })
+        .collect();
     json(&InvalidPagesResponse {
         page_size: PAGE_SIZE,
         pages: ranges.iter().map(|r| r.count).sum(),
         ranges,
     })
-}
-
-/// The set bits of a gfn bitmap (bit `gfn % 64` of word `gfn / 64`) as ascending runs.
-fn gfn_runs(words: &[u64]) -> Vec<GfnRange> {
-    let mut runs: Vec<GfnRange> = Vec::new();
-    for (index, &word) in (0u64..).zip(words) {
-        let mut rest = word;
-        while rest != 0 {
-            let start = u64::from(rest.trailing_zeros());
-            // Ones from `start` up: count them by the zeros of the inverted, shifted word.
-            let length = u64::from((!(rest >> start)).trailing_zeros());
-            let gfn = index * 64 + start;
-            match runs.last_mut() {
-                Some(last) if last.gfn + last.count == gfn => last.count += length,
-                _ => runs.push(GfnRange { gfn, count: length }),
-            }
-            rest = if start + length >= 64 {
-                0
-            } else {
-                rest & !(((1u64 << length) - 1) << start)
-            };
-        }
-    }
-    runs
 }
 
 fn snapshot(context: &ApiContext, body: &[u8]) -> Result<Reply, Refusal> {
@@ -470,41 +447,6 @@ mod tests {
         // Each (method, path) once, paths plain.
         assert_eq!(routed.len(), ROUTES.len());
         assert!(ROUTES.iter().all(|r| !r.path.contains(['/', '?'])));
-    }
-
-    #[test]
-    fn runs_of_a_gfn_bitmap() {
-        let runs = |words: &[u64]| -> Vec<(u64, u64)> {
-            gfn_runs(words).iter().map(|r| (r.gfn, r.count)).collect()
-        };
-        assert_eq!(runs(&[]), vec![]);
-        assert_eq!(runs(&[0, 0]), vec![]);
-        assert_eq!(runs(&[0b1011]), vec![(0, 2), (3, 1)]);
-        // A run across words, a full word, and the top bit alone.
-        assert_eq!(runs(&[1 << 63, u64::MAX, 1]), vec![(63, 66)]);
-        assert_eq!(runs(&[0, 1 << 63]), vec![(127, 1)]);
-        // Against a bit-by-bit reading of a pseudo-random map.
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let words: Vec<u64> = (0..40)
-            .map(|i| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                [state, state & (state >> 1), u64::MAX, 0][i % 4]
-            })
-            .collect();
-        let expected: Vec<u64> = (0..words.len() as u64 * 64)
-            .filter(|g| words[(g / 64) as usize] >> (g % 64) & 1 == 1)
-            .collect();
-        let expanded: Vec<u64> = gfn_runs(&words)
-            .iter()
-            .flat_map(|r| r.gfn..r.gfn + r.count)
-            .collect();
-        assert_eq!(expanded, expected);
-        let adjacent = gfn_runs(&words)
-            .windows(2)
-            .any(|w| w[0].gfn + w[0].count >= w[1].gfn);
-        assert!(!adjacent, "runs are merged and ascending");
     }
 
     #[test]

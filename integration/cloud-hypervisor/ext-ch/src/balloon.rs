@@ -13,11 +13,11 @@
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use crate::FrameSet;
+use crate::GfnSet;
 
-static HELD: Mutex<FrameSet> = Mutex::new(FrameSet::new());
+static HELD: Mutex<GfnSet> = Mutex::new(GfnSet::new());
 
-fn held_set() -> MutexGuard<'static, FrameSet> {
+fn held_set() -> MutexGuard<'static, GfnSet> {
     // A panic while holding the lock leaves a consistent set: every update is one bit.
     HELD.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -33,7 +33,7 @@ pub fn deflate(gfn: u64) {
 }
 
 /// The pages held now (a copy).
-pub fn held() -> FrameSet {
+pub fn held() -> GfnSet {
     held_set().clone()
 }
 
@@ -44,7 +44,7 @@ pub fn ranges() -> Vec<(u64, u64)> {
 
 /// Replaces the held set with `ranges` (a restored balloon's state).
 pub fn restore(ranges: &[(u64, u64)]) {
-    let mut set = FrameSet::new();
+    let mut set = GfnSet::new();
     for &(first, count) in ranges {
         set.insert_range(first, count);
     }
@@ -53,8 +53,6 @@ pub fn restore(ranges: &[(u64, u64)]) {
 
 #[cfg(test)]
 mod tests {
-    use ext_snapshot::PageSet;
-
     use super::*;
 
     // One test: the set is process-wide, and tests run in parallel threads.
@@ -68,12 +66,12 @@ mod tests {
         deflate(4096); // never held, past the end
         assert_eq!(ranges(), vec![(5, 1), (7, 1), (64, 2), (1000, 1)]);
         let now = held();
-        assert_eq!(now.count(), 5);
-        assert!(now.contains(0, 0, 65) && !now.contains(0, 0, 6));
+        assert_eq!(now.len(), 5);
+        assert!(now.contains(65) && !now.contains(6));
         restore(&[(10, 3)]);
         assert_eq!(ranges(), vec![(10, 3)]);
-        assert!(!held().contains(0, 0, 5));
+        assert!(!held().contains(5));
         restore(&[]);
-        assert_eq!(held().count(), 0);
+        assert!(held().is_empty());
     }
 }

@@ -23,12 +23,11 @@
 
 pub mod balloon;
 pub mod figures;
-mod frames;
 mod restore;
 mod snapshot;
 pub mod vhost_user;
 
-pub use frames::FrameSet;
+pub use ext_snapshot::GfnSet;
 pub use restore::{MemorySnapshot, PageSource};
 pub use snapshot::{write_memory, SnapshotFigures};
 

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 
-use crate::FrameSet;
+use crate::GfnSet;
 
 static SOCKETS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
@@ -23,12 +23,12 @@ pub fn register(control_socket: &Path) {
 
 /// The union of the registered backends' invalid-page maps, and one message per backend
 /// that did not answer with one.
-pub fn invalid_pages() -> (FrameSet, Vec<String>) {
+pub fn invalid_pages() -> (GfnSet, Vec<String>) {
     let sockets = SOCKETS
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .clone();
-    let mut set = FrameSet::default();
+    let mut set = GfnSet::new();
     let mut failures = Vec::new();
     for socket in sockets {
         match ext_vmm_api::backend::fetch_invalid_pages(&socket) {
