@@ -154,10 +154,9 @@ fn a_snapshot_is_an_ext_snapshot_and_a_copy_restore_continues() {
     let vm = restore(&bin, dir.path(), "copy", &snap, "copy");
     resume_and_check(&vm, &before);
     // The extension endpoint reports the restore, by page type.
-    let answer = vm.get("/api/v1/ext/vm.snapshot-figures");
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    let body: serde_json::Value =
-        serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    let (status, answer) = vm.get("ext/vm.snapshot-figures");
+    assert_eq!(status, 200, "{answer}");
+    let body: serde_json::Value = serde_json::from_str(&answer).unwrap();
     assert_eq!(body["restore"]["mode"], "copy");
     assert_eq!(body["restore"]["figures"]["data_pages"], figures.data_pages);
     assert_eq!(body["restore"]["pages_copied"], figures.data_pages);
@@ -172,7 +171,8 @@ fn a_snapshot_is_an_ext_snapshot_and_a_copy_restore_continues() {
     let again = dir.path().join("again");
     std::fs::create_dir_all(&again).unwrap();
     vm.remote_ok(&["snapshot", &format!("file://{}", again.display())]);
-    let answer = vm.get("/api/v1/ext/vm.snapshot-figures");
+    let (status, answer) = vm.get("ext/vm.snapshot-figures");
+    assert_eq!(status, 200, "{answer}");
     assert!(answer.contains("\"mode\":\"snapshot\""), "{answer}");
     let mut upto = before.clone();
     upto.extend(vm.serial());

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
+use ext_vmm_api::ApiClient;
+
 use crate::common::{skip, wait_for};
 
 /// Overrides where the patched binaries are (a folder holding `cloud-hypervisor` and
@@ -114,44 +116,13 @@ impl ChProcess {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// `GET <path>` on the API socket with a hand-written request (for endpoints ch-remote has
-    /// no command for); the whole HTTP answer.
-    pub fn get(&self, path: &str) -> String {
-        use std::io::{Read, Write};
-        let mut stream = std::os::unix::net::UnixStream::connect(&self.api_socket)
-            .unwrap_or_else(|e| panic!("connect {}: {e}", self.api_socket.display()));
-        write!(
-            stream,
-            "GET {path} HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n\r\n"
-        )
-        .unwrap_or_else(|e| panic!("send GET {path}: {e}"));
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap_or_else(|e| panic!("socket timeout: {e}"));
-        let mut answer = Vec::new();
-        let mut buf = [0u8; 4096];
-        // micro_http keeps the connection open: read until the body's Content-Length is in.
-        loop {
-            match stream.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => answer.extend_from_slice(&buf[..n]),
-            }
-            let text = String::from_utf8_lossy(&answer);
-            if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                let length = head
-                    .lines()
-                    .find_map(|l| {
-                        l.to_ascii_lowercase()
-                            .strip_prefix("content-length:")
-                            .map(|v| v.trim().parse::<usize>().unwrap_or(0))
-                    })
-                    .unwrap_or(0);
-                if body.len() >= length {
-                    break;
-                }
-            }
-        }
-        String::from_utf8_lossy(&answer).into_owned()
+    /// `GET` of API endpoint `endpoint` (e.g. `ext/vm.snapshot-figures`, one ch-remote has no
+    /// command for), through ext-vmm-api's client: the status and the body.
+    pub fn get(&self, endpoint: &str) -> (u16, String) {
+        let response = ApiClient::connect(&self.api_socket)
+            .and_then(|mut client| client.request("GET", endpoint, None))
+            .unwrap_or_else(|e| panic!("GET {endpoint}: {e}"));
+        (response.status, response.body_text())
     }
 
     /// Everything the guest wrote on its serial port so far.
