@@ -12,16 +12,6 @@ done
 guest_kib=524288
 cmdline="console=ttyS0 loglevel=4 panic=-1 ext.test=work ext.work_mib=128 ext.work_auto=1"
 
-# Milliseconds since a `now` value.
-ms_since() {
-    awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%d", (b - a) * 1000 + 0.5 }'
-}
-
-# $1 / $2 with three decimals ("inf" when $2 is 0).
-ratio() {
-    awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.3f", a / b; else print "inf" }'
-}
-
 # MET when $1 <= $2, NOT MET otherwise.
 verdict() {
     awk -v a="$1" -v b="$2" 'BEGIN { if (a <= b) print "MET"; else print "NOT_MET" }'

@@ -44,6 +44,16 @@ since() {
     awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'
 }
 
+# Milliseconds since a `now` value.
+ms_since() {
+    awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%d", (b - a) * 1000 + 0.5 }'
+}
+
+# $1 / $2 with three decimals ("inf" when $2 is 0).
+ratio() {
+    awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.3f", a / b; else print "inf" }'
+}
+
 # Prints a measurement in one greppable format: EXT-METRIC <name>=<value> [notes].
 metric() {
     echo "EXT-METRIC $*"

@@ -47,16 +47,6 @@ counter() {
         | tr ',' '\n' | sed -n 's/^"'"$2"'":\([0-9]*\)$/\1/p'
 }
 
-# Milliseconds since a `now` value.
-ms_since() {
-    awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%d", (b - a) * 1000 + 0.5 }'
-}
-
-# $1 / $2 with three decimals ("inf" when $2 is 0).
-ratio() {
-    awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.3f", a / b; else print "inf" }'
-}
-
 # kB the guest holds (MemTotal - MemFree) by the $2-th EXT-MEMINFO line of log $1.
 meminfo_used_kib() {
     grep 'EXT-MEMINFO' "$1" | sed -n "$2p" \
