@@ -9,7 +9,9 @@ use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use common::{anon_memory, expected_bytes, fill_memory, read_memory, Fill};
+use common::{
+    anon_memory, expected_bytes, fill_memory, memfd_memory, read_memory, resident_pages, Fill,
+};
 use ext_snapshot::{
     restore_eager, restore_stream, restore_stream_staged, EagerOptions, Error, FileLayout,
     GfnBitmap, SnapshotFile, SnapshotWriter, StreamReader, WriteOptions, PAGE_SIZE,
@@ -84,6 +86,26 @@ fn file_must_be_rejected(path: &Path, mem: &GuestMemoryMmap, before: &[Vec<u8>],
         );
     }
     assert!(read_memory(mem) == before, "{what}: memory touched");
+    fresh_target_must_stay_fresh(path, what);
+}
+
+/// Restores the file at `path` into fresh memory (checksums verified while copying); must fail
+/// and leave that memory as it was: nothing resident, every byte zero.
+fn fresh_target_must_stay_fresh(path: &Path, what: &str) {
+    let Ok(s) = SnapshotFile::open(path) else {
+        return;
+    };
+    let fresh = anon_memory(&LAYOUT);
+    assert!(
+        restore_eager(&s, &fresh, EagerOptions::default()).is_err(),
+        "{what}: restored into fresh memory"
+    );
+    // Private anonymous memory with no page resident reads as zero.
+    assert!(
+        resident_pages(&fresh).iter().flatten().all(|&r| !r),
+        "{what}: fresh memory still holds pages after the failed restore"
+    );
+    assert!(!s.is_data_verified(), "{what}: marked verified");
 }
 
 #[test]
@@ -414,4 +436,75 @@ fn resealed_guest_offset_edits_get_the_specific_error() {
     image[4096 + 100] ^= 1; // region 0, page 0: data
     let s = open_image(dir.path(), &image).expect("structure is intact");
     assert!(matches!(s.verify_data(), Err(Error::BadChecksum { .. })));
+}
+
+/// A bad extent late in a snapshot large enough for two restore threads: the fresh-target
+/// restore copies the extents before it, finds the bad checksum while copying, and gives every
+/// page back (anonymous memory: nothing resident; memfd memory: nothing allocated).
+#[test]
+fn a_bad_extent_found_while_copying_releases_the_fresh_memory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // 48 MiB, every other 4 MiB block data: a dozen extents of 1024 pages (data never merges
+    // across the zero blocks), more than the threshold for two threads.
+    let size = 48u64 << 20;
+    let layout = [(0, size)];
+    let mem = anon_memory(&layout);
+    let block = 4u64 << 20;
+    for b in (0..size / block).step_by(2) {
+        let bytes: Vec<u8> = (0..block).map(|i| (i % 251) as u8 | 1).collect();
+        mem.write_slice(&bytes, vm_memory::GuestAddress(b * block))
+            .expect("fill");
+    }
+    let path = dir.path().join("big");
+    SnapshotWriter::new(WriteOptions::default())
+        .write_file(&mem, &path)
+        .expect("write");
+    let intact = SnapshotFile::open(&path).expect("open");
+    let extents: Vec<_> = intact.regions()[0]
+        .runs
+        .iter()
+        .filter_map(|r| r.extent)
+        .collect();
+    assert!(extents.len() >= 6, "{} extents", extents.len());
+    // The intact file restores, and the success is remembered.
+    let fresh = anon_memory(&layout);
+    restore_eager(&intact, &fresh, EagerOptions::default()).expect("intact restore");
+    assert!(intact.is_data_verified());
+    assert!(read_memory(&fresh) == read_memory(&mem));
+    drop(intact);
+
+    let last = extents[extents.len() - 1];
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .expect("open rw");
+    let mut byte = [0u8; 1];
+    f.read_exact_at(&mut byte, last.offset + last.len / 2)
+        .expect("read");
+    f.write_all_at(&[byte[0] ^ 0x40], last.offset + last.len / 2)
+        .expect("flip");
+    for memfd in [false, true] {
+        let s = SnapshotFile::open(&path).expect("structure intact");
+        let fresh = if memfd {
+            memfd_memory(&layout)
+        } else {
+            anon_memory(&layout)
+        };
+        let result = restore_eager(&s, &fresh, EagerOptions::default());
+        assert!(
+            matches!(result, Err(Error::BadChecksum { .. })),
+            "memfd {memfd}: {result:?}"
+        );
+        assert!(!s.is_data_verified());
+        if memfd {
+            let region = fresh.iter().next().expect("region");
+            let file = region.file_offset().expect("memfd").file();
+            let blocks = std::os::unix::fs::MetadataExt::blocks(&file.metadata().expect("stat"));
+            assert_eq!(blocks, 0, "the memfd still holds {blocks} blocks");
+        } else {
+            assert!(resident_pages(&fresh).iter().flatten().all(|&r| !r));
+        }
+        assert!(read_memory(&fresh).iter().flatten().all(|&b| b == 0));
+    }
 }

@@ -162,16 +162,41 @@ impl SnapshotFile {
                 })
             })?;
         }
-        if self.layout == FileLayout::GuestOffset {
-            // Extents are in offset order in this layout (the parser checks each sits at its
-            // page's own offset, regions one after the other).
-            let spans: Vec<(u64, u64)> = extents.iter().map(|e| (e.offset, e.len)).collect();
-            let (_, data_end) = guest_offset_bases(self.regions.iter().map(|r| r.size))
-                .ok_or_else(|| Error::Inconsistent("data area overflows".into()))?;
-            holes::check_zero_outside_extents(&self.file, HEADER_BLOCK_LEN, data_end, &spans)?;
-        }
+        self.verify_outside_extents()?;
         self.data_verified.store(true, Ordering::Release);
         Ok(())
+    }
+
+    /// In the guest-offset layout, checks that the data area reads as zero outside the
+    /// extents (reading only the allocated bytes no extent covers); nothing to do in the
+    /// packed layout. Part of [`verify_data`](Self::verify_data); a restore that checks the
+    /// extents while copying them calls it before its first write.
+    pub(crate) fn verify_outside_extents(&self) -> Result<()> {
+        if self.layout != FileLayout::GuestOffset {
+            return Ok(());
+        }
+        // Extents are in offset order in this layout (the parser checks each sits at its
+        // page's own offset, regions one after the other).
+        let spans: Vec<(u64, u64)> = self
+            .regions
+            .iter()
+            .flat_map(|r| r.runs.iter().filter_map(|run| run.extent))
+            .map(|e| (e.offset, e.len))
+            .collect();
+        let (_, data_end) = guest_offset_bases(self.regions.iter().map(|r| r.size))
+            .ok_or_else(|| Error::Inconsistent("data area overflows".into()))?;
+        holes::check_zero_outside_extents(&self.file, HEADER_BLOCK_LEN, data_end, &spans)
+    }
+
+    /// Whether [`verify_data`](Self::verify_data) (or a restore that verified every extent
+    /// while copying it) has already succeeded on this file.
+    pub fn is_data_verified(&self) -> bool {
+        self.data_verified.load(Ordering::Acquire)
+    }
+
+    /// Records that every extent and the bytes outside them were verified by a restore.
+    pub(crate) fn mark_data_verified(&self) {
+        self.data_verified.store(true, Ordering::Release);
     }
 
     /// Reads `extent` into the start of `buf` (at least `extent.len` bytes) and checks its

@@ -14,17 +14,26 @@ use super::segment::{single_segments, Segment};
 use super::target::Target;
 use super::{EagerOptions, RestoreReport};
 use crate::error::{Error, Result};
-use crate::format::{MAX_DATA_RUN_PAGES, PAGE_SIZE};
+use crate::format::{Extent, MAX_DATA_RUN_PAGES, PAGE_SIZE};
 use crate::page_type::PageType;
 use crate::reader::{SnapshotFile, StreamReader};
 
 /// Restores a standalone snapshot into `mem`, which must have the snapshot's regions.
 ///
-/// Everything is validated first (structure at open, every data checksum here); `Err` before
-/// any write leaves `mem` untouched. `Ok` means memory now reads exactly as the snapshotted
-/// memory did. With `target_is_fresh`, only data pages are written. A diff snapshot is applied
-/// onto the memory's current content (its `SameAsParent` pages left alone) when the target is
-/// not fresh, and rejected with `Err(NeedsParent)` when it is.
+/// `Ok` means memory now reads exactly as the snapshotted memory did; `Err` means no
+/// unverified byte is visible in `mem`:
+/// - With `target_is_fresh` (memory that reads as zero and holds nothing, e.g. from
+///   [`fresh_memory`](super::fresh_memory)), only data pages are written, and each data
+///   extent's checksum is verified while it is copied (the data is read once). On any failure
+///   every page written so far is released again (`MADV_DONTNEED`, or a punched hole for
+///   shared file memory), so `mem` is as fresh as before the call, host memory included, and
+///   the error is returned. A file whose data was verified already
+///   ([`SnapshotFile::is_data_verified`]) is copied without checking again; a successful
+///   restore marks the file verified.
+/// - Otherwise every checksum is verified before the first write, so `Err` leaves `mem`
+///   untouched. A diff snapshot is applied onto the memory's current content (its
+///   `SameAsParent` pages left alone); into a fresh target it is rejected with
+///   `Err(NeedsParent)`.
 pub fn restore_eager<M, B>(
     snapshot: &SnapshotFile,
     mem: &M,
@@ -34,8 +43,99 @@ where
     M: GuestMemory<R = GuestRegionMmap<B>>,
     B: Bitmap + Sync,
 {
+    if options.target_is_fresh && !snapshot.is_diff() {
+        return restore_fresh(snapshot, mem, options);
+    }
     let segments = single_segments(snapshot);
     restore_segments(&[snapshot], &segments, mem, options)
+}
+
+/// [`restore_eager`] into a fresh target: verify while copying, release on failure.
+fn restore_fresh<M, B>(
+    snapshot: &SnapshotFile,
+    mem: &M,
+    options: EagerOptions,
+) -> Result<RestoreReport>
+where
+    M: GuestMemory<R = GuestRegionMmap<B>>,
+    B: Bitmap + Sync,
+{
+    let start = Instant::now();
+    let target = Target::new(mem, &snapshot.layout())?;
+    let check = !snapshot.is_data_verified();
+    if check {
+        // The only bytes a fresh restore must vouch for that no extent covers.
+        snapshot.verify_outside_extents()?;
+    }
+    let verify_seconds = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    // Work items: every data extent with its region and first page (at most
+    // MAX_DATA_RUN_PAGES each, so both threads stay busy).
+    let work: Vec<(usize, u64, Extent)> = snapshot
+        .regions()
+        .iter()
+        .enumerate()
+        .flat_map(|(ri, r)| {
+            r.runs
+                .iter()
+                .filter_map(move |run| run.extent.map(|e| (ri, run.first_page, e)))
+        })
+        .collect();
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let worker = || -> Result<()> {
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            if i >= work.len() || failed.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            let (ri, first_page, extent) = &work[i];
+            if let Err(e) =
+                target.read_extent_into(*ri, *first_page, snapshot.file(), extent, check)
+            {
+                failed.store(true, Ordering::Relaxed);
+                return Err(e);
+            }
+        }
+    };
+    let bytes: u64 = work.iter().map(|(_, _, e)| e.len).sum();
+    // Spawning is not worth it for a small restore.
+    let result = if bytes < (4096 * PAGE_SIZE) {
+        worker()
+    } else {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..options.threads.max(1))
+                .map(|_| s.spawn(worker))
+                .collect();
+            // The scope joins every thread before it returns, the first error included.
+            handles.into_iter().try_for_each(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(Error::io(
+                        "restore thread",
+                        std::io::Error::other("restore thread panicked"),
+                    ))
+                })
+            })
+        })
+    };
+    if let Err(e) = result {
+        // Give back every page a data extent may have touched: the target is fresh again.
+        for (ri, first_page, extent) in &work {
+            // Best effort: the restore's own error is the one to report; `discard` falls
+            // back to writing zeros, so the pages read as zero whatever happens.
+            let _ = target.discard(*ri, *first_page, extent.len / PAGE_SIZE);
+        }
+        return Err(e);
+    }
+    if check {
+        snapshot.mark_data_verified();
+    }
+    Ok(RestoreReport {
+        data_pages: bytes / PAGE_SIZE,
+        discarded_pages: 0,
+        verify_seconds,
+        restore_seconds: start.elapsed().as_secs_f64(),
+    })
 }
 
 /// Restores resolved `segments` (sources indexing `layers`) into `mem`: the common part of

@@ -7,7 +7,11 @@ use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestMemory, GuestMemoryRegion, GuestRegionMmap};
 
 use crate::error::{Error, Result};
-use crate::format::PAGE_SIZE;
+use crate::format::{checksum, Extent, PAGE_SIZE};
+
+/// Bytes read and checksummed at a time when verifying while copying: small enough to be
+/// checksummed from the CPU's cache right after `pread` put them in guest memory.
+const VERIFY_PIECE: usize = 256 << 10;
 
 /// The regions of a restore target, checked against a snapshot layout.
 pub(crate) struct Target<'m, B: Bitmap> {
@@ -74,15 +78,72 @@ impl<'m, B: Bitmap> Target<'m, B> {
         // SAFETY: the range is inside a writable mapping of guest memory (checked by `range`
         // and `new`); populating pages that are about to be written changes no contents.
         unsafe { libc::madvise(ptr.cast(), len, libc::MADV_POPULATE_WRITE) };
+        self.pread_exact(ptr, 0, len, file, offset)
+    }
+
+    /// Reads data extent `extent` from `file` straight into region `ri` at `first_page`
+    /// (`extent.len` bytes) and, with `check`, verifies its crc32c on the bytes just written,
+    /// piece by piece while they are still in the CPU's cache. `Err(BadChecksum)` if they do
+    /// not match: the range then holds unverified bytes, which the caller must release.
+    pub(crate) fn read_extent_into(
+        &self,
+        ri: usize,
+        first_page: u64,
+        file: &File,
+        extent: &Extent,
+        check: bool,
+    ) -> Result<()> {
+        let pages = extent.len / PAGE_SIZE;
+        if !check {
+            return self.read_from(ri, first_page, pages, file, extent.offset);
+        }
+        let (ptr, len) = self.range(ri, first_page, pages)?;
+        // SAFETY: as in `read_from`: a writable range of guest memory, populated before it is
+        // written; no contents change.
+        unsafe { libc::madvise(ptr.cast(), len, libc::MADV_POPULATE_WRITE) };
+        let mut crc = 0;
         let mut done = 0usize;
         while done < len {
-            let off = libc::off_t::try_from(offset + done as u64)
+            let piece = (len - done).min(VERIFY_PIECE);
+            self.pread_exact(ptr, done, piece, file, extent.offset)?;
+            // SAFETY: `ptr + done .. ptr + done + piece` lies inside the checked range and
+            // was just written by `pread`; the guest does not run during a restore and no
+            // mutable reference to these bytes exists while this shared one lives.
+            let bytes = unsafe { std::slice::from_raw_parts(ptr.add(done), piece) };
+            crc = checksum::crc32c_append(crc, bytes);
+            done += piece;
+        }
+        if crc != extent.crc {
+            return Err(Error::BadChecksum {
+                what: format!("data extent at {:#x}", extent.offset),
+                stored: extent.crc,
+                computed: crc,
+            });
+        }
+        Ok(())
+    }
+
+    /// Fills `ptr + at .. ptr + at + len` (inside a range checked by `range`) from `file` at
+    /// `offset + at`.
+    fn pread_exact(
+        &self,
+        ptr: *mut u8,
+        at: usize,
+        len: usize,
+        file: &File,
+        offset: u64,
+    ) -> Result<()> {
+        let mut done = 0usize;
+        while done < len {
+            let off = libc::off_t::try_from(offset + (at + done) as u64)
                 .map_err(|_| Error::Inconsistent("file offset too large".into()))?;
-            // SAFETY: `ptr + done .. ptr + len` lies inside a writable mapping of guest memory
-            // (checked by `range` and `new`); the kernel writes at most `len - done` bytes there.
-            // The guest is not running during a restore, so no Rust reference to these bytes
-            // exists.
-            let n = unsafe { libc::pread(file.as_raw_fd(), ptr.add(done).cast(), len - done, off) };
+            // SAFETY: the destination lies inside a writable mapping of guest memory (the
+            // caller's range was checked by `range` and `new`); the kernel writes at most
+            // `len - done` bytes there. The guest is not running during a restore, so no Rust
+            // reference to these bytes exists.
+            let n = unsafe {
+                libc::pread(file.as_raw_fd(), ptr.add(at + done).cast(), len - done, off)
+            };
             if n < 0 {
                 let e = std::io::Error::last_os_error();
                 if e.kind() == std::io::ErrorKind::Interrupted {

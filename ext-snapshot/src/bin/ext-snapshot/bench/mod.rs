@@ -70,10 +70,18 @@ pub struct ScenarioResult {
     pub dense: BaselineReport,
     /// Writing `ours_data_bytes` from a buffer.
     pub data_alone: BaselineReport,
-    /// Eager restore into fresh memory: validation + copy seconds.
+    /// Eager restore into fresh memory, the snapshot file not in the page cache: open,
+    /// validation and copy seconds (median of [`RESTORE_RUNS`]).
     pub eager_seconds: f64,
-    /// Of which copying data.
+    /// Of which copying (and verifying) data.
     pub eager_copy_seconds: f64,
+    /// The same data copied plainly into the same kind of fresh memory from the uncached
+    /// file (median of [`RESTORE_RUNS`]).
+    pub plain_copy_seconds: f64,
+    /// Eager restore with the file in the page cache (median of [`RESTORE_RUNS`]).
+    pub eager_warm_seconds: f64,
+    /// Plain copy with the file in the page cache (median of [`RESTORE_RUNS`]).
+    pub plain_copy_warm_seconds: f64,
     /// Mapped restore setup, structure checks only (median of 5).
     pub mapped_setup_seconds: f64,
     /// Mapped restore setup with every data checksum verified first.
@@ -97,6 +105,8 @@ pub struct BenchResult {
     pub scale: f64,
     /// Whether outputs were fsynced.
     pub fsync: bool,
+    /// Threads of our writer and restore (and of the plain copy).
+    pub threads: usize,
     /// Zero check throughput on one thread, bytes per second.
     pub zero_check_bytes_per_second: f64,
     /// Per scenario.
@@ -142,6 +152,7 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Ben
     Ok(BenchResult {
         scale: options.scale,
         fsync: options.fsync,
+        threads: options.threads.max(1),
         zero_check_bytes_per_second,
         scenarios: results,
     })
@@ -255,7 +266,7 @@ fn run_scenario(
         * 512;
     drop(memory);
 
-    let (eager_seconds, eager_copy_seconds) = eager(&ours.0)?;
+    let restores = restores(&ours.0, &data_runs, options.threads.max(1))?;
     // Setup times are a few milliseconds: take the median of a few runs so one preemption on
     // a busy machine does not decide the verdict.
     let mapped_setup_seconds = median_of(SETUP_RUNS, || mapped(&ours.0, false))?;
@@ -275,8 +286,11 @@ fn run_scenario(
         holes_only,
         dense,
         data_alone,
-        eager_seconds,
-        eager_copy_seconds,
+        eager_seconds: restores.eager_cold.0,
+        eager_copy_seconds: restores.eager_cold.1,
+        plain_copy_seconds: restores.plain_cold,
+        eager_warm_seconds: restores.eager_warm,
+        plain_copy_warm_seconds: restores.plain_warm,
         mapped_setup_seconds,
         mapped_verified_seconds,
         lazy_setup_seconds,
@@ -324,12 +338,65 @@ fn median_report(mut runs: Vec<BaselineReport>) -> BaselineReport {
     runs.get(runs.len() / 2).copied().unwrap_or_default()
 }
 
-fn eager(path: &Path) -> Result<(f64, f64)> {
-    let start = Instant::now();
-    let snapshot = SnapshotFile::open(path)?;
-    let memory = fresh_memory(&snapshot.layout())?;
-    let report = restore_eager(&snapshot, &memory, EagerOptions::default())?;
-    Ok((start.elapsed().as_secs_f64(), report.restore_seconds))
+/// Repetitions of each eager-restore and plain-copy measurement; the median is reported.
+pub const RESTORE_RUNS: usize = 3;
+
+/// Medians of the eager restore against the plain copy, cold and warm.
+struct Restores {
+    /// Eager, file dropped from the page cache first: (total, copy) seconds.
+    eager_cold: (f64, f64),
+    plain_cold: f64,
+    eager_warm: f64,
+    plain_warm: f64,
+}
+
+/// Eager restores of `path` and plain copies of its `data_runs`, alternating which goes first,
+/// [`RESTORE_RUNS`] times with the file dropped from the page cache before each (untimed),
+/// then as many times with it cached.
+fn restores(path: &Path, data_runs: &[(usize, Run)], threads: usize) -> Result<Restores> {
+    let layout = SnapshotFile::open(path)?.layout();
+    let eager = || -> Result<(f64, f64)> {
+        let start = Instant::now();
+        let snapshot = SnapshotFile::open(path)?;
+        let memory = fresh_memory(&snapshot.layout())?;
+        let options = EagerOptions {
+            threads,
+            ..EagerOptions::default()
+        };
+        let report = restore_eager(&snapshot, &memory, options)?;
+        let seconds = start.elapsed().as_secs_f64();
+        drop(memory);
+        Ok((seconds, report.restore_seconds))
+    };
+    let plain = || baseline::copy_data_into_fresh_memory(path, &layout, data_runs, threads);
+    let (mut eager_cold, mut plain_cold, mut eager_warm, mut plain_warm) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for cached in [false, true] {
+        for repetition in 0..RESTORE_RUNS {
+            for step in 0..2 {
+                if !cached {
+                    baseline::settle(path)?;
+                }
+                match ((step + repetition) % 2, cached) {
+                    (0, false) => eager_cold.push(eager()?),
+                    (0, true) => eager_warm.push(eager()?.0),
+                    (_, false) => plain_cold.push(plain()?),
+                    (_, true) => plain_warm.push(plain()?),
+                }
+            }
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    eager_cold.sort_by(|a, b| a.0.total_cmp(&b.0));
+    Ok(Restores {
+        eager_cold: eager_cold[eager_cold.len() / 2],
+        plain_cold: median(plain_cold),
+        eager_warm: median(eager_warm),
+        plain_warm: median(plain_warm),
+    })
 }
 
 fn mapped(path: &Path, verify_data: bool) -> Result<f64> {
@@ -450,16 +517,28 @@ impl BenchResult {
         }
         let _ = writeln!(
             out,
-            "\n{:<34} {:>10} {:>10} {:>10} {:>12} {:>12} {:>10}",
-            "restore", "eager ms", "copy ms", "GB/s data", "mapped ms", "mapped+crc", "lazy ms"
+            "\n{:<34} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12} {:>10}",
+            "restore",
+            "eager ms",
+            "copy ms",
+            "plain ms",
+            "warm ms",
+            "plain warm",
+            "GB/s data",
+            "mapped ms",
+            "mapped+crc",
+            "lazy ms"
         );
         for s in &self.scenarios {
             let _ = writeln!(
                 out,
-                "{:<34} {:>10.1} {:>10.1} {:>10.2} {:>12.2} {:>12.1} {:>10.2}",
+                "{:<34} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.2} {:>12.2} {:>12.1} {:>10.2}",
                 s.name,
                 ms(s.eager_seconds),
                 ms(s.eager_copy_seconds),
+                ms(s.plain_copy_seconds),
+                ms(s.eager_warm_seconds),
+                ms(s.plain_copy_warm_seconds),
                 s.ours_data_bytes as f64 / s.eager_seconds / 1e9,
                 ms(s.mapped_setup_seconds),
                 ms(s.mapped_verified_seconds),
@@ -490,11 +569,54 @@ impl BenchResult {
         }
         let _ = writeln!(
             out,
-            "(mapped, lazy: setup time, median of {SETUP_RUNS} runs; mapped+crc: one run that \
-             verifies every extent first)\n\nzero check: {:.1} GB/s on one thread",
+            "(eager: open, fresh memory, verify and copy, snapshot file dropped from the page \
+             cache first, median of {RESTORE_RUNS}; plain: the same data extents pread into the \
+             same kind of fresh memory on as many threads, no checks; warm: both with the file \
+             cached; mapped, lazy: setup time, median of {SETUP_RUNS} runs; mapped+crc: one run \
+             that verifies every extent first)\n\nzero check: {:.1} GB/s on one thread",
             self.zero_check_bytes_per_second / 1e9
         );
         out.push_str(&self.render_targets());
+        out
+    }
+
+    /// Whether each target of issue 12 (ext-snapshot at the physical limit) is met, one line
+    /// each: create time against the holes-only copy and the data alone, eager restore against
+    /// a plain copy (cold and warm page cache), mapped setup of the default layout.
+    pub fn render_limit_targets(&self) -> String {
+        use std::fmt::Write;
+        let mut out = format!("\ntargets (issue 12, {} thread(s)):\n", self.threads);
+        for s in &self.scenarios {
+            let holes = s.ours_seconds / s.holes_only.seconds;
+            let alone = s.ours_seconds / s.data_alone.seconds;
+            let _ = writeln!(
+                out,
+                "  create <= 1.0 x holes-only copy and <= 1.1 x data alone [{}]: {holes:.2}x, \
+                 {alone:.2}x: {}",
+                s.name,
+                verdict(holes <= 1.0 && alone <= 1.1)
+            );
+        }
+        for s in &self.scenarios {
+            let cold = s.eager_seconds / s.plain_copy_seconds;
+            let warm = s.eager_warm_seconds / s.plain_copy_warm_seconds;
+            let _ = writeln!(
+                out,
+                "  eager restore <= 1.2 x plain copy [{}]: uncached {cold:.2}x, cached {warm:.2}x: {}",
+                s.name,
+                verdict(cold <= 1.2 && warm <= 1.2)
+            );
+        }
+        for s in &self.scenarios {
+            let _ = writeln!(
+                out,
+                "  mapped setup < 5 ms, default layout [{}, {:.0} MiB]: {:.2} ms: {}",
+                s.name,
+                mib(s.memory_bytes),
+                ms(s.mapped_setup_seconds),
+                verdict(s.mapped_setup_seconds < 0.005)
+            );
+        }
         out
     }
 
@@ -578,6 +700,7 @@ impl BenchResult {
                 verdict(worst < 0.005)
             );
         }
+        out.push_str(&self.render_limit_targets());
         if self.scale != 1.0 {
             out.push_str(
                 "  (scaled run: sizes are not the issue's; rerun with --scale 1 for the record)\n",
