@@ -13,17 +13,20 @@ use vm_memory::{GuestMemory, GuestMemoryRegion, GuestRegionMmap};
 
 use crate::{Error, Result, SnapshotFigures, MEMORY_FILE};
 
-/// A memory snapshot opened for a restore: its structure and every data checksum were
-/// verified when it was opened, so a corrupt or truncated file never gets this far.
+/// A memory snapshot opened for a restore: its structure was verified when it was opened (a
+/// truncated or inconsistent file never gets this far), its data checksums are verified by
+/// the restore itself, before the VM runs: while the data is copied in
+/// ([`restore_copy`](Self::restore_copy)), or whole before the first page is served
+/// ([`page_source`](Self::page_source)).
 #[derive(Debug)]
 pub struct MemorySnapshot {
     file: SnapshotFile,
 }
 
 impl MemorySnapshot {
-    /// Opens `<dir>/memory.ext-snapshot` and verifies it whole (header, region table, every
-    /// extent's crc32c). A diff snapshot is refused: Cloud Hypervisor restores standalone
-    /// snapshots only.
+    /// Opens `<dir>/memory.ext-snapshot` and verifies its structure (header, region table,
+    /// indexes, extent placement, content digest). A diff snapshot is refused: Cloud
+    /// Hypervisor restores standalone snapshots only.
     pub fn open(dir: &Path) -> Result<Self> {
         let path = dir.join(MEMORY_FILE);
         let failed = |source| Error::Snapshot {
@@ -34,7 +37,6 @@ impl MemorySnapshot {
         if file.is_diff() {
             return Err(failed(ext_snapshot::Error::NeedsParent));
         }
-        file.verify_data().map_err(failed)?;
         Ok(MemorySnapshot { file })
     }
 
@@ -62,7 +64,9 @@ impl MemorySnapshot {
     }
 
     /// Copies the data pages into `mem`, fresh memory that reads as zero: pages without
-    /// data are not touched, so the host allocates nothing for them.
+    /// data are not touched, so the host allocates nothing for them. Each extent's checksum is
+    /// verified on the bytes just copied (the data is read once); on a failure every page
+    /// written is released again and the error returned, so no VM runs on corrupt memory.
     pub fn restore_copy<M, B>(&self, mem: &M) -> Result<RestoreReport>
     where
         M: GuestMemory<R = GuestRegionMmap<B>>,
@@ -93,9 +97,14 @@ impl MemorySnapshot {
     }
 
     /// A source of page contents for an on-demand restore, over its own handle of the file.
+    /// Verifies every data checksum first (faults are served from a file known intact).
     pub fn page_source(&self) -> Result<PageSource> {
-        self.record("ondemand", 0.0, None)?;
         let path = self.file.path().display().to_string();
+        self.file.verify_data().map_err(|source| Error::Snapshot {
+            path: path.clone(),
+            source,
+        })?;
+        self.record("ondemand", 0.0, None)?;
         let file = self.file.file().try_clone().map_err(|source| Error::Read {
             path: path.clone(),
             gpa: 0,

@@ -118,27 +118,59 @@ fn the_page_source_serves_data_and_zeros_and_knows_which_is_which() {
     );
 }
 
+/// Fresh memory with the layout of [`guest`].
+fn fresh() -> GuestMemoryMmap {
+    GuestMemoryMmap::from_ranges(&[
+        (GuestAddress(0), 4 * MIB as usize),
+        (GuestAddress(8 * MIB), 2 * MIB as usize),
+    ])
+    .unwrap()
+}
+
+/// A snapshot that opens but whose data is bad: the copy restore fails and leaves the fresh
+/// memory zero, the on-demand page source is refused.
+fn refused_by_both_restores(dir: &std::path::Path) -> String {
+    let snapshot = MemorySnapshot::open(dir).unwrap();
+    let mem = fresh();
+    let err = snapshot.restore_copy(&mem).unwrap_err().to_string();
+    assert!(contents(&mem).iter().all(|&b| b == 0), "memory written");
+    assert!(snapshot.page_source().is_err(), "page source served");
+    err
+}
+
 #[test]
-fn corrupt_truncated_or_foreign_snapshots_are_refused_at_open() {
+fn corrupt_truncated_or_foreign_snapshots_are_refused_before_the_vm_runs() {
     let dir = tempfile::tempdir().unwrap();
     write_memory(&guest(), dir.path(), None).unwrap();
     let path = dir.path().join(MEMORY_FILE);
     let len = std::fs::metadata(&path).unwrap().len();
 
-    // One flipped byte in the last data page.
+    // One flipped byte in the last data page (the data area starts after the 4 KiB header
+    // block): the structure is intact, the data is not.
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .open(&path)
         .unwrap();
-    let mut byte = [0u8; 1];
-    file.read_exact_at(&mut byte, len - 4096 + 8).unwrap();
-    file.write_all_at(&[byte[0] ^ 0x40], len - 4096 + 8)
+    let last_data = ext_snapshot::SnapshotFile::open(&path).unwrap().regions()[1]
+        .runs
+        .iter()
+        .filter_map(|r| r.extent)
+        .next_back()
         .unwrap();
-    let err = MemorySnapshot::open(dir.path()).unwrap_err().to_string();
+    let at = last_data.offset + last_data.len - 4096 + 8;
+    let mut byte = [0u8; 1];
+    file.read_exact_at(&mut byte, at).unwrap();
+    file.write_all_at(&[byte[0] ^ 0x40], at).unwrap();
+    let err = refused_by_both_restores(dir.path());
     assert!(err.contains(MEMORY_FILE), "{err}");
-    file.write_all_at(&byte, len - 4096 + 8).unwrap();
-    MemorySnapshot::open(dir.path()).unwrap();
+    file.write_all_at(&byte, at).unwrap();
+    let mem = fresh();
+    MemorySnapshot::open(dir.path())
+        .unwrap()
+        .restore_copy(&mem)
+        .unwrap();
+    assert!(contents(&mem) == contents(&guest()));
 
     file.set_len(len - 4096).unwrap();
     assert!(MemorySnapshot::open(dir.path()).is_err());
