@@ -125,11 +125,11 @@ impl Queue {
 /// typed (so the caller can write data while typing goes on). With `with_crc`, data runs carry
 /// their checksum.
 ///
-/// The calling thread is one of the `threads`: `threads - 1` helpers type chunks, and the
-/// caller types the next unclaimed chunk itself whenever the one it needs is not ready, so
-/// the cores are never oversubscribed while the caller writes (the usual bottleneck) and none
-/// idles while typing is (memory of zero pages). Typing stays at most [`lookahead`] chunks
-/// ahead of the consumer.
+/// `threads` helpers type chunks, and the caller types the next unclaimed chunk itself
+/// whenever the one it needs is not ready, so it never idles while typing is the bottleneck
+/// (memory of zero pages). Typing stays at most [`lookahead`] chunks ahead of the consumer, so
+/// the helpers sleep instead of competing with the caller's writes for the cores once they
+/// are that far ahead.
 pub(crate) fn scan_chunks<B: Bitmap + Sync>(
     source: &MemorySource<'_, B>,
     invalid: Option<&dyn PageSet>,
@@ -199,7 +199,7 @@ pub(crate) fn scan_chunks<B: Bitmap + Sync>(
         }
     };
     std::thread::scope(|s| {
-        for _ in 1..threads {
+        for _ in 0..threads {
             s.spawn(helper);
         }
         let mut populated = vec![false; CHUNK_PAGES as usize];
