@@ -16,7 +16,7 @@ mod error;
 #[path = "../src/bin/ext-snapshot/bench/workload.rs"]
 mod workload;
 
-use baseline::{dense_dump, holes_only_copy};
+use baseline::{copy_data_into_fresh_memory, dense_dump, holes_only_copy};
 use criterion::{criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use ext_snapshot::restore::lazy::restore_lazy;
 use ext_snapshot::restore::mapped::{restore_mapped, MappedOptions};
@@ -126,6 +126,20 @@ fn readers(c: &mut Criterion) {
                 let target = fresh_memory(&snapshot.layout()).expect("memory");
                 restore_eager(&snapshot, &target, EagerOptions::default()).expect("restore")
             })
+        });
+        // The baseline of the eager restore: the same extents pread into the same kind of
+        // fresh memory on as many threads (2, `EagerOptions::default`), with no checks.
+        let runs: Vec<_> = SnapshotFile::open(&path)
+            .expect("open")
+            .regions()
+            .iter()
+            .enumerate()
+            .flat_map(|(ri, r)| r.runs.iter().map(move |run| (ri, *run)))
+            .filter(|(_, run)| run.extent.is_some())
+            .collect();
+        let layout = SnapshotFile::open(&path).expect("open").layout();
+        group.bench_function(BenchmarkId::new("plain_copy", name), |b| {
+            b.iter(|| copy_data_into_fresh_memory(&path, &layout, &runs, 2).expect("copy"))
         });
         group.bench_function(BenchmarkId::new("mapped_setup", name), |b| {
             b.iter(|| restore_mapped::<()>(&path, MappedOptions::default()).expect("mapped"))

@@ -81,43 +81,11 @@ where
                 .filter_map(move |run| run.extent.map(|e| (ri, run.first_page, e)))
         })
         .collect();
-    let next = AtomicUsize::new(0);
-    let failed = AtomicBool::new(false);
-    let worker = || -> Result<()> {
-        loop {
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            if i >= work.len() || failed.load(Ordering::Relaxed) {
-                return Ok(());
-            }
-            let (ri, first_page, extent) = &work[i];
-            if let Err(e) =
-                target.read_extent_into(*ri, *first_page, snapshot.file(), extent, check)
-            {
-                failed.store(true, Ordering::Relaxed);
-                return Err(e);
-            }
-        }
-    };
     let bytes: u64 = work.iter().map(|(_, _, e)| e.len).sum();
-    // Spawning is not worth it for a small restore.
-    let result = if bytes < (4096 * PAGE_SIZE) {
-        worker()
-    } else {
-        std::thread::scope(|s| {
-            let handles: Vec<_> = (0..options.threads.max(1))
-                .map(|_| s.spawn(worker))
-                .collect();
-            // The scope joins every thread before it returns, the first error included.
-            handles.into_iter().try_for_each(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(Error::io(
-                        "restore thread",
-                        std::io::Error::other("restore thread panicked"),
-                    ))
-                })
-            })
-        })
-    };
+    let result = for_each_parallel(work.len(), options.threads, bytes < PARALLEL_BYTES, |i| {
+        let (ri, first_page, extent) = &work[i];
+        target.read_extent_into(*ri, *first_page, snapshot.file(), extent, check)
+    });
     if let Err(e) = result {
         // Give back every page a data extent may have touched: the target is fresh again.
         for (ri, first_page, extent) in &work {
@@ -192,57 +160,77 @@ where
             }
         }
     }
-    let next = AtomicUsize::new(0);
-    let failed = AtomicBool::new(false);
-    let worker = || -> Result<(u64, u64)> {
-        let (mut data, mut discarded) = (0, 0);
-        loop {
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            if i >= work.len() || failed.load(Ordering::Relaxed) {
-                return Ok((data, discarded));
-            }
+    let pages_where = |with_source: bool| -> u64 {
+        work.iter()
+            .filter(|(_, s)| s.source.is_some() == with_source)
+            .map(|(_, s)| s.pages)
+            .sum()
+    };
+    let (data_pages, discarded_pages) = (pages_where(true), pages_where(false));
+    for_each_parallel(
+        work.len(),
+        options.threads,
+        (data_pages + discarded_pages) * PAGE_SIZE < PARALLEL_BYTES,
+        |i| {
             let (ri, s) = work[i];
-            let r = match s.source {
+            match s.source {
                 Some((layer, offset)) => {
-                    data += s.pages;
                     target.read_from(ri, s.first_page, s.pages, layers[layer].file(), offset)
                 }
-                None => {
-                    discarded += s.pages;
-                    target.discard(ri, s.first_page, s.pages)
-                }
-            };
-            if let Err(e) = r {
-                failed.store(true, Ordering::Relaxed);
-                return Err(e);
+                None => target.discard(ri, s.first_page, s.pages),
             }
-        }
-    };
-    // Spawning is not worth it for a small restore.
-    let pages: u64 = work.iter().map(|(_, s)| s.pages).sum();
-    let (data_pages, discarded_pages) = if pages < 4096 {
-        worker()?
-    } else {
-        std::thread::scope(|s| {
-            let handles: Vec<_> = (0..options.threads.max(1))
-                .map(|_| s.spawn(worker))
-                .collect();
-            handles.into_iter().try_fold((0, 0), |(d, z), h| {
-                let (d2, z2) = h.join().map_err(|_| {
-                    Error::io(
-                        "restore thread",
-                        std::io::Error::other("restore thread panicked"),
-                    )
-                })??;
-                Ok::<_, Error>((d + d2, z + z2))
-            })
-        })?
-    };
+        },
+    )?;
     Ok(RestoreReport {
         data_pages,
         discarded_pages,
         verify_seconds,
         restore_seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// Below this many bytes to write, a restore runs on the calling thread alone: spawning is not
+/// worth it.
+const PARALLEL_BYTES: u64 = 4096 * PAGE_SIZE;
+
+/// Runs `job(i)` for every `i < items` on `threads` threads (on the calling thread alone when
+/// `serial`), each thread taking the next item; after the first error no item is started, and
+/// that error is returned once every thread has stopped.
+fn for_each_parallel(
+    items: usize,
+    threads: usize,
+    serial: bool,
+    job: impl Fn(usize) -> Result<()> + Sync,
+) -> Result<()> {
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let job = &job;
+    let worker = || -> Result<()> {
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            if i >= items || failed.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            if let Err(e) = job(i) {
+                failed.store(true, Ordering::Relaxed);
+                return Err(e);
+            }
+        }
+    };
+    if serial {
+        return worker();
+    }
+    // The scope joins every thread before it returns, the first error included.
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads.max(1)).map(|_| s.spawn(worker)).collect();
+        handles.into_iter().try_for_each(|h| {
+            h.join().unwrap_or_else(|_| {
+                Err(Error::io(
+                    "restore thread",
+                    std::io::Error::other("restore thread panicked"),
+                ))
+            })
+        })
     })
 }
 
