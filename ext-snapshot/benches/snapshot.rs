@@ -129,14 +129,7 @@ fn readers(c: &mut Criterion) {
         });
         // The baseline of the eager restore: the same extents pread into the same kind of
         // fresh memory on as many threads (2, `EagerOptions::default`), with no checks.
-        let runs: Vec<_> = SnapshotFile::open(&path)
-            .expect("open")
-            .regions()
-            .iter()
-            .enumerate()
-            .flat_map(|(ri, r)| r.runs.iter().map(move |run| (ri, *run)))
-            .filter(|(_, run)| run.extent.is_some())
-            .collect();
+        let runs = baseline::data_runs(&path).expect("data runs");
         let layout = SnapshotFile::open(&path).expect("open").layout();
         group.bench_function(BenchmarkId::new("plain_copy", name), |b| {
             b.iter(|| copy_data_into_fresh_memory(&path, &layout, &runs, 2).expect("copy"))

@@ -354,3 +354,15 @@ pub fn copy_data_into_fresh_memory(
     drop(memory);
     Ok(seconds)
 }
+
+/// The data runs of the snapshot at `path` as `(region index, run)` pairs, in file order: what
+/// [`write_data_runs_alone`] and [`copy_data_into_fresh_memory`] take.
+pub fn data_runs(path: &Path) -> Result<Vec<(usize, Run)>> {
+    Ok(ext_snapshot::SnapshotFile::open(path)?
+        .regions()
+        .iter()
+        .enumerate()
+        .flat_map(|(ri, r)| r.runs.iter().map(move |run| (ri, *run)))
+        .filter(|(_, run)| run.extent.is_some())
+        .collect())
+}

@@ -201,13 +201,7 @@ fn run_scenario(
     // that is not measured (it also brings every writer to the same warm state of guest
     // memory and of the code).
     SnapshotWriter::new(write_options).write_file(&memory, &ours.0)?;
-    let data_runs: Vec<(usize, Run)> = SnapshotFile::open(&ours.0)?
-        .regions()
-        .iter()
-        .enumerate()
-        .flat_map(|(ri, r)| r.runs.iter().map(move |run| (ri, *run)))
-        .filter(|(_, run)| run.extent.is_some())
-        .collect();
+    let data_runs = baseline::data_runs(&ours.0)?;
     baseline::settle(&ours.0)?;
 
     // Every writer runs WRITER_RUNS times, in a rotating order so none always follows the
