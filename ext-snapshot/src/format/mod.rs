@@ -131,6 +131,21 @@ pub struct Extent {
     pub crc: u32,
 }
 
+impl Extent {
+    /// `Ok` if `computed`, the crc32c of the bytes read for this extent, is the stored one;
+    /// `Err(BadChecksum)` naming the extent otherwise.
+    pub(crate) fn check_crc(&self, computed: u32) -> crate::error::Result<()> {
+        if computed == self.crc {
+            return Ok(());
+        }
+        Err(crate::error::Error::BadChecksum {
+            what: format!("data extent at {:#x}", self.offset),
+            stored: self.crc,
+            computed,
+        })
+    }
+}
+
 /// Consecutive pages of one type inside a region.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Run {

@@ -211,14 +211,6 @@ impl SnapshotFile {
         self.file
             .read_exact_at(bytes, extent.offset)
             .map_err(|e| Error::read(format!("reading extent at {:#x}", extent.offset), e))?;
-        let computed = crate::format::checksum::crc32c(bytes);
-        if computed != extent.crc {
-            return Err(Error::BadChecksum {
-                what: format!("data extent at {:#x}", extent.offset),
-                stored: extent.crc,
-                computed,
-            });
-        }
-        Ok(())
+        extent.check_crc(crate::format::checksum::crc32c(bytes))
     }
 }

@@ -113,14 +113,7 @@ impl<'m, B: Bitmap> Target<'m, B> {
             crc = checksum::crc32c_append(crc, bytes);
             done += piece;
         }
-        if crc != extent.crc {
-            return Err(Error::BadChecksum {
-                what: format!("data extent at {:#x}", extent.offset),
-                stored: extent.crc,
-                computed: crc,
-            });
-        }
-        Ok(())
+        extent.check_crc(crc)
     }
 
     /// Fills `ptr + at .. ptr + at + len` (inside a range checked by `range`) from `file` at
