@@ -762,14 +762,9 @@ impl FaultHandler {
                 extent.offset
             )));
         }
-        let computed = crc32c::crc32c(self.source.bytes(extent.offset, extent.len)?);
-        if computed != extent.crc {
-            return Err(Error::BadChecksum {
-                what: format!("extent at offset {:#x}", extent.offset),
-                stored: extent.crc,
-                computed,
-            });
-        }
+        extent.check_crc(crc32c::crc32c(
+            self.source.bytes(extent.offset, extent.len)?,
+        ))?;
         self.regions[index].verified[run_index] = true;
         self.counters
             .extents_verified
