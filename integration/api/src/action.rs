@@ -6,7 +6,9 @@
 use serde::Serialize;
 
 use crate::error::ApiError;
-use crate::types::{PermAssign, PermCreateView, PermSet, VmRestoreConfig, VmSnapshotConfig};
+use crate::types::{
+    PermAssign, PermCreateView, PermSet, VmIdentityConfig, VmRestoreConfig, VmSnapshotConfig,
+};
 use crate::vm_config::VmCreateConfig;
 
 /// One API request, parsed and checked.
@@ -40,6 +42,10 @@ pub enum ApiRequest {
     VmSnapshot(VmSnapshotConfig),
     /// `PUT vm.restore`: build the VM from a snapshot (only into a VMM without a VM).
     VmRestore(VmRestoreConfig),
+    /// `GET ext/vm.identity`.
+    VmIdentity,
+    /// `PUT ext/vm.identity`: give the VM a new identity (a clone, before it runs).
+    VmSetIdentity(VmIdentityConfig),
     /// `PUT ext/perm.create-view`.
     PermCreateView(PermCreateView),
     /// `PUT ext/perm.set`.

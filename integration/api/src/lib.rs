@@ -35,7 +35,7 @@ pub use server::{
     start_api_server, start_api_server_with_limits, ApiServer, ApiServerError, ApiServerLimits,
 };
 pub use types::{
-    PermAssign, PermCapabilities, PermCreateView, PermSet, VmCounters, VmInfo, VmRestoreConfig,
-    VmSnapshotConfig, VmState, VmmPingResponse,
+    PermAssign, PermCapabilities, PermCreateView, PermSet, VmCounters, VmIdentity,
+    VmIdentityConfig, VmInfo, VmRestoreConfig, VmSnapshotConfig, VmState, VmmPingResponse,
 };
 pub use vm_config::{DiskSpec, OutputMode, VhostUserSpec, VmCreateConfig};

@@ -76,6 +76,10 @@ const ROUTES: &[Route] = &[
     put_json("vm.restore", |body| {
         from_json(body).map(ApiRequest::VmRestore)
     }),
+    get("ext/vm.identity", || ApiRequest::VmIdentity),
+    put_json("ext/vm.identity", |body| {
+        from_json(body).map(ApiRequest::VmSetIdentity)
+    }),
     put_json("ext/perm.create-view", |body| {
         from_json(body).map(ApiRequest::PermCreateView)
     }),

@@ -81,6 +81,22 @@ pub struct VmRestoreConfig {
     pub page_server: Option<String>,
 }
 
+/// Body of `PUT /api/v1/ext/vm.identity`: the identity a clone takes before it runs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmIdentityConfig {
+    /// The new VM generation ID, 32 hex digits (dashes allowed); absent: a fresh random one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmgenid: Option<String>,
+}
+
+/// Body of `GET` and `PUT /api/v1/ext/vm.identity`: the VM's identity now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmIdentity {
+    /// The VM generation ID the guest sees (ACPI VMGenID), 32 lower-case hex digits.
+    pub vmgenid: String,
+}
+
 /// Body of `GET /api/v1/ext/perm.capabilities`: how this VM enforces page permissions.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PermCapabilities {

@@ -68,16 +68,45 @@ fn dsdt(virtio: &[VirtioMmioResource]) -> Result<Sdt> {
     let pwrb = aml::Device::new("PWRB".into(), vec![&pwrb_hid, &pwrb_uid]);
     let ged_hid = aml::Name::new("_HID".into(), &"ACPI0013");
     let ged_uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    // Its second interrupt announces a new VM generation ID: `_EVT` gets the GSI that fired
+    // and notifies `VGEN` with 0x80, as the VMGenID specification asks.
     let ged_irq = aml::Interrupt::new(true, true, false, false, GED_GSI);
-    let ged_crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&ged_irq]));
+    let genid_irq = aml::Interrupt::new(true, true, false, false, VMGENID_GSI);
+    let ged_crs = aml::Name::new(
+        "_CRS".into(),
+        &aml::ResourceTemplate::new(vec![&ged_irq, &genid_irq]),
+    );
     let pwrb_path = aml::Path::new("\\_SB_.PWRB");
-    let pressed = 0x80u8;
-    let notify = aml::Notify::new(&pwrb_path, &pressed);
-    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&notify]);
+    let vgen_path = aml::Path::new("\\_SB_.VGEN");
+    let notification = 0x80u8;
+    let (power_gsi, genid_gsi) = (GED_GSI, VMGENID_GSI);
+    let is_power = aml::Equal::new(&aml::Arg(0), &power_gsi);
+    let is_genid = aml::Equal::new(&aml::Arg(0), &genid_gsi);
+    let notify_power = aml::Notify::new(&pwrb_path, &notification);
+    let notify_genid = aml::Notify::new(&vgen_path, &notification);
+    let on_power = aml::If::new(&is_power, vec![&notify_power]);
+    let on_genid = aml::If::new(&is_genid, vec![&notify_genid]);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&on_power, &on_genid]);
     let ged = aml::Device::new("GED_".into(), vec![&ged_hid, &ged_uid, &ged_crs, &evt]);
+
+    // The VM generation ID device: Linux's vmgenid driver matches `_CID "VM_GEN_COUNTER"`
+    // and reads the ID's guest-physical address from `ADDR` (low, high dwords).
+    let vgen_hid = aml::Name::new("_HID".into(), &"EXTV0001");
+    let vgen_cid = aml::Name::new("_CID".into(), &"VM_GEN_COUNTER");
+    let vgen_ddn = aml::Name::new("_DDN".into(), &"VM_Gen_Counter");
+    let (addr_low, addr_high) = (VMGENID_ADDR as u32, (VMGENID_ADDR >> 32) as u32);
+    let vgen_addr = aml::Name::new(
+        "ADDR".into(),
+        &aml::Package::new(vec![&addr_low, &addr_high]),
+    );
+    let vgen = aml::Device::new(
+        "VGEN".into(),
+        vec![&vgen_hid, &vgen_cid, &vgen_ddn, &vgen_addr],
+    );
 
     let mut device_bytes = to_bytes(&pwrb);
     ged.to_aml_bytes(&mut device_bytes);
+    vgen.to_aml_bytes(&mut device_bytes);
     for (index, dev) in virtio.iter().enumerate() {
         let base = u32::try_from(dev.base)
             .map_err(|_| Error::Boot(format!("virtio-mmio window {:#x} above 4 GiB", dev.base)))?;
@@ -188,7 +217,7 @@ pub fn write_acpi_tables(
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
     let xsdt = to_bytes(&xsdt);
-    if xsdt_addr + xsdt.len() as u64 > HIGH_RAM_START {
+    if xsdt_addr + xsdt.len() as u64 > VMGENID_ADDR {
         return Err(Error::Boot("ACPI tables overflow the legacy area".into()));
     }
     let rsdp = to_bytes(&Rsdp::new(OEM_ID, xsdt_addr));
@@ -263,6 +292,8 @@ mod tests {
                 assert!(checksum_ok(&body));
                 assert!(body.windows(8).any(|w| w == b"LNRO0005"));
                 assert!(body.windows(4).any(|w| w == b"_S5_"));
+                assert!(body.windows(14).any(|w| w == b"VM_GEN_COUNTER"));
+                assert!(body.windows(4).any(|w| w == b"ADDR"));
             }
         }
         assert_eq!(signatures, vec![b"FACP".to_vec(), b"APIC".to_vec()]);

@@ -20,6 +20,9 @@ pub const CMDLINE_MAX_SIZE: usize = 2048;
 pub const EBDA_START: u64 = 0x9_fc00;
 /// ACPI tables (RSDP first); inside the reserved legacy BIOS area.
 pub const ACPI_START: u64 = 0xe_0000;
+/// The 16-byte VM generation ID ([`crate::identity`]): the last page of the reserved legacy
+/// area, above the ACPI tables.
+pub const VMGENID_ADDR: u64 = 0xf_f000;
 /// End of the legacy area; RAM resumes here.
 pub const HIGH_RAM_START: u64 = 0x10_0000;
 /// Start of the 32-bit MMIO gap.
@@ -60,6 +63,8 @@ pub const IOAPIC_PINS: u32 = 24;
 /// GSI of the ACPI Generic Event Device (the power button): the last IOAPIC pin, so virtio
 /// devices take the pins below it.
 pub const GED_GSI: u32 = IOAPIC_PINS - 1;
+/// The GED's second interrupt: the VM generation ID changed (`_EVT` notifies `VGEN`).
+pub const VMGENID_GSI: u32 = GED_GSI - 1;
 /// ISA IRQ of the PIT.
 pub const ISA_TIMER_IRQ: u8 = 0;
 /// GSI the PIT's IRQ 0 arrives on at the IOAPIC, as on a PC (MADT interrupt source override).

@@ -12,6 +12,7 @@ pub mod devices;
 pub mod error;
 pub mod exit;
 pub mod figures;
+pub mod identity;
 pub mod invalid_pages;
 pub mod layout;
 pub mod memory;
@@ -38,8 +39,8 @@ use devices::serial::{SerialCounters, SerialInput};
 use error::{Error, Result};
 use exit::{ExitEvent, ExitReason};
 use ext_vmm_api::{
-    ApiError, ApiRequest, ApiResponse, ErrorKind, RequestHandler, VmCounters, VmInfo, VmState,
-    VmmPingResponse,
+    ApiError, ApiRequest, ApiResponse, ErrorKind, RequestHandler, VmCounters, VmIdentity,
+    VmIdentityConfig, VmInfo, VmState, VmmPingResponse,
 };
 use figures::SnapshotFigures;
 use restored_memory::RestoredMemory;
@@ -78,6 +79,8 @@ pub struct Vmm {
     restored_memory: RestoredMemory,
     /// The ACPI power button's interrupt.
     power_button: Arc<devices::IrqTrigger>,
+    /// The VM generation ID.
+    generation_id: Arc<identity::GenerationId>,
 }
 
 /// Wakes the main loop when the VM wants to stop; the loop then reads the reason.
@@ -113,6 +116,7 @@ impl Vmm {
             restored_memory,
             perm: vm.perm.clone(),
             power_button: vm.power_button.clone(),
+            generation_id: vm.generation_id.clone(),
             exit: vm.exit.clone(),
             control: Arc::new(VcpuControl::default()),
             serial: vm.serial.clone(),
@@ -371,6 +375,36 @@ impl Vmm {
             .map_err(|e| Error::Sys("power button interrupt", e))
     }
 
+    /// The VM's identity as the guest sees it.
+    pub fn identity(&self) -> Result<VmIdentity> {
+        Ok(VmIdentity {
+            vmgenid: self.generation_id.get()?.to_string(),
+        })
+    }
+
+    /// Gives the VM a new generation ID (`config.vmgenid`, or a random one) and tells the
+    /// guest; allowed until the VM shuts down.
+    pub fn set_identity(
+        &self,
+        config: &VmIdentityConfig,
+    ) -> std::result::Result<VmIdentity, ApiError> {
+        let state = self.state();
+        if state == VmState::Shutdown {
+            return Err(api_error(Error::InvalidState(state, "change the identity")));
+        }
+        let id = match &config.vmgenid {
+            Some(text) => identity::VmGenId::parse(text).ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "vmgenid {text:?}: expected 32 hex digits (dashes allowed)"
+                ))
+            })?,
+            None => identity::VmGenId::random().map_err(api_error)?,
+        };
+        self.generation_id.set(id).map_err(api_error)?;
+        tracing::info!("VM generation ID is now {id}");
+        self.identity().map_err(api_error)
+    }
+
     /// Answers the API requests about this VM. Requests about the process (create, boot of
     /// a created VM, delete, restore, ping, shutdown of the VMM) are the slot's
     /// ([`slot::VmmSlot`]); they never get here.
@@ -396,6 +430,8 @@ impl Vmm {
                 .snapshot(&config)
                 .map(|_| ApiResponse::Empty)
                 .map_err(api_error),
+            ApiRequest::VmIdentity => ApiResponse::json(&self.identity().map_err(api_error)?),
+            ApiRequest::VmSetIdentity(config) => ApiResponse::json(&self.set_identity(&config)?),
             ApiRequest::PermCreateView(request) => self
                 .perm_hook()?
                 .create_view(&request)

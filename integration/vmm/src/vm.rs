@@ -24,6 +24,7 @@ use super::devices::serial::{SerialCounters, SerialDevice};
 use super::devices::IrqTrigger;
 use super::error::{Error, Result};
 use super::exit::ExitEvent;
+use super::identity::{GenerationId, VmGenId};
 use super::layout::*;
 use super::memory::{create_guest_memory, register_memory, GuestRam};
 use super::perm::PermHook;
@@ -69,6 +70,8 @@ pub struct Vm {
     pub perm: Option<Arc<PermHook>>,
     /// The ACPI power button's interrupt (the GED's GSI): a write presses the button.
     pub power_button: Arc<IrqTrigger>,
+    /// The VM generation ID (ACPI VMGenID) and its change notification.
+    pub generation_id: Arc<GenerationId>,
 }
 
 /// Opens `/dev/kvm` and creates a VM with the in-kernel LAPIC/IOAPIC/PIC and PIT.
@@ -195,6 +198,10 @@ impl Vm {
         let mut pio = Bus::new();
         let serial_irq = IrqTrigger(irqfd(&fd, COM1_GSI)?);
         let power_button = Arc::new(IrqTrigger(irqfd(&fd, GED_GSI)?));
+        let generation_id = GenerationId::new(
+            memory.clone(),
+            Arc::new(IrqTrigger(irqfd(&fd, VMGENID_GSI)?)),
+        );
         let serial_out = console_writer(&config.serial)?;
         let serial = match saved {
             None => SerialDevice::new(serial_irq, serial_out),
@@ -239,7 +246,7 @@ impl Vm {
         let mut resources = Vec::new();
         for (i, (name, device)) in devices.into_iter().enumerate() {
             let gsi = VIRTIO_GSI_START + i as u32;
-            if gsi >= GED_GSI {
+            if gsi >= VMGENID_GSI {
                 return Err(Error::Unsupported("too many virtio devices".into()));
             }
             let base = VIRTIO_MMIO_START + i as u64 * VIRTIO_MMIO_SIZE;
@@ -267,6 +274,7 @@ impl Vm {
         let entry = match saved {
             None => {
                 let rsdp = write_acpi_tables(&memory, config.cpus, &resources)?;
+                generation_id.write(VmGenId::random()?)?;
                 Some(load_pvh(&memory, config, rsdp)?)
             }
             Some(_) => None,
@@ -330,6 +338,7 @@ impl Vm {
             vcpu_counters,
             perm,
             power_button,
+            generation_id: Arc::new(generation_id),
         })
     }
 }
