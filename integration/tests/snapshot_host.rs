@@ -87,6 +87,7 @@ fn restore_and_finish(snapshot: &Path, mode: RestoreMode, serial: &Path, prefix:
         memory_restore_mode: mode,
         resume: true,
         page_server: None,
+        serial: None,
     })
     .unwrap_or_else(|e| panic!("restore ({mode:?}): {e}"));
     assert_eq!(vmm.state(), VmState::Running);
@@ -131,6 +132,7 @@ fn a_snapshotted_guest_continues_exactly_in_every_restore_mode() {
             memory_restore_mode: RestoreMode::Lazy,
             resume: false,
             page_server: None,
+        serial: None,
         })
         .unwrap(),
     );
@@ -333,6 +335,7 @@ fn a_diff_snapshot_restores_through_its_chain() {
         memory_restore_mode: RestoreMode::Mapped,
         resume: false,
         page_server: None,
+        serial: None,
     });
     assert!(mapped.is_err(), "a diff chain restores with copy only");
     restore_and_finish(&diff, RestoreMode::Eager, &serial, &prefix);
@@ -470,6 +473,7 @@ fn an_ondemand_restore_whose_data_goes_bad_ends_the_vm_with_the_error() {
         memory_restore_mode: RestoreMode::Lazy,
         resume: false,
         page_server: None,
+        serial: None,
     })
     .unwrap();
     let memory = snapshot.join("memory.ext-snapshot");

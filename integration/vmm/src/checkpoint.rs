@@ -213,7 +213,10 @@ impl Vmm {
     pub fn restore(restore: &RestoreConfig) -> Result<Self> {
         let started = Instant::now();
         let loaded = SnapshotDir::from_url(&restore.source_url)?.load()?;
-        let config = loaded.config.clone();
+        let mut config = loaded.config.clone();
+        if let Some(serial) = &restore.serial {
+            config.serial = serial.clone();
+        }
         let keeps_memfd = restore.memory_restore_mode == RestoreMode::Eager
             || (restore.memory_restore_mode == RestoreMode::Lazy && restore.page_server.is_some());
         if !config.vhost_user.is_empty() && !keeps_memfd {

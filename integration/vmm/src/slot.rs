@@ -234,6 +234,7 @@ pub fn restore_config(body: &VmRestoreConfig) -> Result<RestoreConfig, ApiError>
         memory_restore_mode,
         resume: body.resume.unwrap_or(false),
         page_server,
+        serial: None,
     })
 }
 

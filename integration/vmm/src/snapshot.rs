@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use ext_snapshot::RestoreMode;
 
-use super::config::VmConfig;
+use super::config::{SerialOutput, VmConfig};
 use super::devices::persist::SerialSnapshot;
 use super::error::{Error, Result};
 use super::memory::ram_ranges;
@@ -278,6 +278,9 @@ pub struct RestoreConfig {
     /// With `ondemand`: the socket of a `vhost-user-mem serve` page server that serves the
     /// faults instead of a handler thread in this process.
     pub page_server: Option<PathBuf>,
+    /// Where the restored VM's serial console goes instead of the snapshot's setting
+    /// (`--serial` given with `--restore`): a clone must not write into its source's log.
+    pub serial: Option<SerialOutput>,
 }
 
 impl RestoreConfig {
@@ -315,6 +318,7 @@ impl RestoreConfig {
             memory_restore_mode,
             resume: options.on_off("resume", false)?,
             page_server,
+            serial: None,
         })
     }
 }

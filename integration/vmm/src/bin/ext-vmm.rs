@@ -39,9 +39,10 @@ struct Args {
     /// Memory: size=<N>[K|M|G],shared=on|off.
     #[arg(long, default_value = "size=512M")]
     memory: String,
-    /// Serial console: tty | off | file=<path>.
-    #[arg(long, default_value = "tty")]
-    serial: String,
+    /// Serial console: tty | off | file=<path> (default tty; with --restore, default the
+    /// snapshot's setting).
+    #[arg(long)]
+    serial: Option<String>,
     /// virtio-blk disk: path=<file>[,readonly=on] (repeatable).
     #[arg(long)]
     disk: Vec<String>,
@@ -64,7 +65,7 @@ fn build_config(args: &Args, kernel: PathBuf) -> Result<VmConfig, Error> {
     config.cmdline = args.cmdline.clone();
     config.cpus = config::parse_cpus(&args.cpus)?;
     (config.memory_size, config.memory_shared) = config::parse_memory(&args.memory)?;
-    config.serial = config::parse_serial(&args.serial)?;
+    config.serial = config::parse_serial(args.serial.as_deref().unwrap_or("tty"))?;
     config.disks = args
         .disk
         .iter()
@@ -93,7 +94,14 @@ fn run(args: Args) -> Result<ExitReason, String> {
             Source::Boot(build_config(&args, kernel.clone()).map_err(|e| e.to_string())?)
         }
         (None, Some(restore)) => {
-            Source::Restore(RestoreConfig::parse(restore).map_err(|e| e.to_string())?)
+            let mut restore = RestoreConfig::parse(restore).map_err(|e| e.to_string())?;
+            restore.serial = args
+                .serial
+                .as_deref()
+                .map(config::parse_serial)
+                .transpose()
+                .map_err(|e| e.to_string())?;
+            Source::Restore(restore)
         }
         (None, None) if args.api_socket.is_some() => Source::Api,
         (None, None) => return Err("--kernel, --restore or --api-socket is required".into()),
