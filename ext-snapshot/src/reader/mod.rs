@@ -17,13 +17,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use crate::error::{Error, Result};
 use crate::format::file::HEADER_BLOCK_LEN;
-use crate::format::{
-    guest_offset_bases, Extent, FileLayout, Header, Region, MAX_DATA_RUN_PAGES, PAGE_SIZE,
-};
+use crate::format::{guest_offset_bases, Extent, FileLayout, Header, Region, PAGE_SIZE};
 use crate::page_type::PageType;
 
 /// Below this much data, extents are verified on one thread.
 const PARALLEL_VERIFY_BYTES: u64 = 16 << 20;
+/// Bytes `verify_data` reads and checksums at a time (as the eager restore's pieces).
+const VERIFY_PIECE: usize = 256 << 10;
 
 /// An open, structurally validated snapshot file.
 #[derive(Debug)]
@@ -133,13 +133,13 @@ impl SnapshotFile {
         let next = AtomicUsize::new(0);
         let failed = AtomicBool::new(false);
         let worker = || -> Result<()> {
-            let mut buf = vec![0u8; (MAX_DATA_RUN_PAGES * PAGE_SIZE) as usize];
+            let mut buf = vec![0u8; VERIFY_PIECE];
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= extents.len() || failed.load(Ordering::Relaxed) {
                     return Ok(());
                 }
-                if let Err(e) = self.read_extent(&extents[i], &mut buf) {
+                if let Err(e) = self.verify_extent(&extents[i], &mut buf) {
                     failed.store(true, Ordering::Relaxed);
                     return Err(e);
                 }
@@ -197,6 +197,24 @@ impl SnapshotFile {
     /// Records that every extent and the bytes outside them were verified by a restore.
     pub(crate) fn mark_data_verified(&self) {
         self.data_verified.store(true, Ordering::Release);
+    }
+
+    /// Checks `extent`'s crc32c, reading it in `buf.len()`-byte pieces: a piece small enough
+    /// to stay in the CPU cache between the read and the checksum makes verification run at
+    /// page-cache copy speed (a whole 4 MiB extent per read ran at a third of it here).
+    fn verify_extent(&self, extent: &Extent, buf: &mut [u8]) -> Result<()> {
+        let mut crc = 0;
+        let mut done = 0u64;
+        while done < extent.len {
+            let len = (extent.len - done).min(buf.len() as u64) as usize;
+            let piece = &mut buf[..len];
+            self.file
+                .read_exact_at(piece, extent.offset + done)
+                .map_err(|e| Error::read(format!("reading extent at {:#x}", extent.offset), e))?;
+            crc = crate::format::checksum::crc32c_append(crc, piece);
+            done += len as u64;
+        }
+        extent.check_crc(crc)
     }
 
     /// Reads `extent` into the start of `buf` (at least `extent.len` bytes) and checks its
