@@ -132,7 +132,7 @@ fn a_snapshotted_guest_continues_exactly_in_every_restore_mode() {
             memory_restore_mode: RestoreMode::Lazy,
             resume: false,
             page_server: None,
-        serial: None,
+            serial: None,
         })
         .unwrap(),
     );
